@@ -1,0 +1,36 @@
+# podium: `make demo` and `make test` are the two set-up commands (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+
+.PHONY: demo test bench install dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Re-install when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
+
+demo: $(VENV)/.installed
+	$(BIN)/python scripts/demo.py
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q --timeout=900
+
+bench: $(VENV)/.dev-installed
+	mkdir -p bench-out
+	$(BIN)/python benchmarks/trainer_overhead.py --quick --json bench-out/trainer_overhead.json
+
+clean:
+	rm -rf $(VENV) runs bench-out

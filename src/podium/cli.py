@@ -1,0 +1,304 @@
+"""podium's command line: one typer app.
+
+Heavy libraries (torch, lightning, mlflow) are imported inside the commands, so that
+`podium --help` answers at once.
+
+Exit codes: 0 success, 2 user error (bad config, bad input), 1 internal failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="podium: train, evaluate, ensemble and serve image models from configs.\n\n"
+    "Example: podium train experiment=digits trainer.max_epochs=3",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+list_app = typer.Typer(help="List registered models, datasets, losses and experiments.", no_args_is_help=True)
+app.add_typer(list_app, name="list")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False)
+
+
+def _error_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _clean_message(message: str) -> str:
+    # Errors raised inside DataLoader workers arrive wrapped with the worker's traceback.
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
+def handle_errors(fn):
+    """Map exceptions to exit codes: UserError → 2 (no traceback), diverged → 1, Ctrl-C → 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from podium.errors import TrainingDiverged, UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            _error_console().print(f"[bold red]error:[/] {_clean_message(str(err))}", highlight=False)
+            raise typer.Exit(2)
+        except TrainingDiverged as err:
+            _error_console().print(f"[bold red]training stopped:[/] {err}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            raise typer.Exit(130)
+        except Exception as err:
+            # DataLoader workers re-raise our UserError as a RuntimeError-like copy of it.
+            if type(err).__name__ == "UserError" or "podium.errors.UserError" in str(err):
+                _error_console().print(f"[bold red]error:[/] {_clean_message(str(err))}", highlight=False)
+                raise typer.Exit(2)
+            raise
+
+    return wrapper
+
+
+def _split_resume(overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    resume, rest = None, []
+    for item in overrides:
+        if item.startswith("resume="):
+            resume = item.split("=", 1)[1] or None
+        else:
+            rest.append(item)
+    return resume, rest
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def train(
+    overrides: List[str] = typer.Argument(None, help="Hydra overrides, e.g. optim.lr=3e-4"),
+    show_config: bool = typer.Option(False, "--cfg", help="Print the composed config and exit."),
+):
+    """Train a model from configs.
+
+    Examples:
+      podium train experiment=digits trainer.max_epochs=3 optim.lr=3e-4 run.dir=runs/x
+      podium train resume=runs/x            (continue an interrupted run)
+      podium train experiment=digits trainer.devices=2 trainer.accelerator=cpu   (DDP)
+    """
+    from omegaconf import OmegaConf
+
+    from podium.config import compose, load_run_config
+    from podium.engine import session
+    from podium.engine.runs import existing_run_dir
+
+    console = _console()
+    resume, rest = _split_resume(overrides or [])
+    if resume:
+        run_dir = existing_run_dir(resume)
+        cfg = load_run_config(run_dir, rest)
+    else:
+        run_dir, cfg = None, compose(rest)
+    if show_config:
+        console.print(OmegaConf.to_yaml(cfg), highlight=False)
+        return
+    out_dir, metrics = session.train(cfg, console, resume_dir=run_dir)
+    if _is_rank_zero():
+        console.print(session.metrics_table(metrics, f"{cfg.name}: final metrics (best checkpoint)"))
+        console.print(f"run folder: {out_dir}\nmetrics:    {out_dir / 'metrics.json'}\n"
+                      f"MLflow UI:  podium ui --root {cfg.run.root}")
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run folder made by `podium train`."),
+    overrides: List[str] = typer.Argument(None, help="Overrides of the run's config, e.g. data.root=..."),
+    checkpoint: str = typer.Option("best", help="best | last | a path to a .pt file"),
+    split: List[str] = typer.Option(None, "--split", help="Splits to evaluate (default: val and every test split)."),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the metrics (default RUN_DIR/eval-<ckpt>.json)."),
+):
+    """Evaluate a run with its own config and preprocessing.
+
+    Example: podium eval runs/20261124-101500-digits --split test_corrupted
+    """
+    from podium.engine import session
+    from podium.engine.runs import existing_run_dir
+
+    console = _console()
+    metrics, path = session.evaluate(existing_run_dir(run_dir), overrides or [], console, checkpoint,
+                                     split or None, out)
+    console.print(session.metrics_table(metrics, f"{run_dir}: {checkpoint} checkpoint"))
+    console.print(f"written: {path}")
+
+
+@app.command()
+@handle_errors
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run folder made by `podium train`."),
+    inputs: List[Path] = typer.Argument(..., help="Input files or folders."),
+    out: Path = typer.Option(..., "--out", help="Output file (CSV for classification)."),
+    checkpoint: str = typer.Option("best", help="best | last | a path to a .pt file"),
+):
+    """Predict on raw files with the run's own preprocessing.
+
+    Example: podium predict runs/20261124-101500-digits images/ --out predictions.csv
+    """
+    from podium.engine import session
+    from podium.engine.runs import existing_run_dir
+
+    path = session.predict(existing_run_dir(run_dir), inputs, out, _console(), checkpoint)
+    _console().print(f"written: {path}")
+
+
+@app.command()
+@handle_errors
+def doctor(
+    overrides: List[str] = typer.Argument(None, help="Config overrides naming the dataset to time."),
+    batches: int = typer.Option(20, help="Batches to time per num_workers value."),
+    no_loader: bool = typer.Option(False, "--no-loader", help="Skip the data-loader timing."),
+):
+    """Check the torch build and GPUs, time the data loader, check data paths.
+
+    Example: podium doctor experiment=digits
+    """
+    from podium.engine import doctor as doc
+
+    console = _console()
+    report = doc.torch_build_report()
+    problems = doc.gpu_build_problems(report, doc.nvidia_smi_gpus())
+    rows, recommendation = [], None
+    if overrides or not no_loader:
+        from omegaconf import OmegaConf
+
+        from podium.config import compose
+        from podium.engine import registry
+        from podium.engine.loading import make_loader
+
+        cfg = compose(overrides or [])
+        problems += doc.check_paths(OmegaConf.to_container(cfg.data))
+        if not no_loader and not any("does not exist" in p for p in problems):
+            task = registry.build("task", cfg.task.name, cfg)
+            train_set = task.build_datasets()["train"]
+
+            def build(workers: int):
+                return make_loader(train_set, train=True, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
+                                   num_workers=workers, collate_fn=task.collate_fn(), persistent_workers=False)
+
+            rows = doc.time_loader(build, doc.default_worker_counts(report.get("cpu_count") or 1), batches)
+            recommendation = doc.recommend_workers(rows)
+    doc.render_report(report, problems, rows, recommendation, console)
+    if any(p.lower().startswith("error") or "does not exist" in p for p in problems):
+        raise typer.Exit(2)
+
+
+@app.command()
+@handle_errors
+def runs(
+    root: Path = typer.Option(Path("runs"), help="Folder holding run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """List runs with their key metrics.
+
+    Example: podium runs --root runs --json
+    """
+    from rich.table import Table
+
+    from podium.engine.runs import find_runs, run_summary
+
+    summaries = [run_summary(p) for p in find_runs(root)]
+    if as_json:
+        typer.echo(json.dumps(summaries, indent=2))
+        return
+    table = Table(title=f"runs under {root}")
+    for col in ("run", "status", "key metrics"):
+        table.add_column(col)
+    for s in summaries:
+        key = {k: v for k, v in s["metrics"].items() if k.count("/") == 1 and not k.startswith("train/")}
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in list(key.items())[:6] if isinstance(v, (int, float)))
+        table.add_row(s["run"], s["status"], shown)
+    _console().print(table)
+
+
+@app.command()
+@handle_errors
+def ui(
+    root: Path = typer.Option(Path("runs"), help="Folder holding run folders and mlflow.db."),
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+):
+    """Open the MLflow UI on the embedded store (bound to 127.0.0.1).
+
+    Example: podium ui --root runs --port 5000
+    """
+    import subprocess
+
+    from podium.engine.tracking import ui_command
+
+    cmd = ui_command(root, host="127.0.0.1", port=port)
+    _console().print(f"MLflow UI on http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def _list(kind: str, pattern: str):
+    from rich.table import Table
+
+    from podium.engine import registry
+
+    table = Table(title=f"{kind}s")
+    table.add_column("name")
+    table.add_column("description")
+    for entry in registry.entries(kind):
+        if pattern == "*" or __import__("fnmatch").fnmatch(entry.name, pattern):
+            table.add_row(entry.name, entry.help)
+    _console().print(table)
+
+
+@list_app.command("models")
+def list_models(pattern: str = typer.Argument("*", help="Glob, e.g. 'var*'.")):
+    """Registered models (model.name=...). `model=timm model.arch=NAME` takes any timm model."""
+    _list("model", pattern)
+
+
+@list_app.command("datasets")
+def list_datasets(pattern: str = typer.Argument("*")):
+    """Registered datasets (data.name=...)."""
+    _list("dataset", pattern)
+
+
+@list_app.command("losses")
+def list_losses(pattern: str = typer.Argument("*")):
+    """Registered losses (loss.name=...)."""
+    _list("loss", pattern)
+
+
+@list_app.command("experiments")
+def list_experiments():
+    """Experiment configs (podium train experiment=NAME)."""
+    from podium.config import group_options
+
+    for name in group_options("experiment"):
+        typer.echo(name)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Compose a run's config with Hydra and validate it against structured schemas.
+
+    cfg = compose(["experiment=digits", "optim.lr=1e-3"])
+
+Hydra's compose API builds the config from the YAML tree shipped in `podium/conf` (and any
+folders listed in the PODIUM_CONFIG_PATH environment variable, for a team's own experiments).
+Then every group is merged onto its dataclass schema: the engine's groups have fixed schemas
+(podium.engine.schema), the task's groups (task, data, model, loss) the schema of the registered
+object their `name` selects. A wrong key or type becomes a `UserError` that names the key and
+the valid choices — the CLI turns it into exit code 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from podium.engine import registry
+from podium.engine.schema import ENGINE_GROUPS, TASK_GROUPS, TOP_LEVEL_KEYS
+from podium.errors import UserError
+
+CONF_DIR = Path(__file__).parent / "conf"
+GROUP_KIND = {"task": "task", "data": "dataset", "model": "model", "loss": "loss"}
+HYDRA_GROUPS = ("task", "data", "model", "loss", "optim", "sched", "trainer", "tracking", "experiment")
+
+# Values with a closed set of choices, checked before any work starts.
+CHOICES = {
+    "optim.name": ("adamw", "sgd", "nadam"),
+    "sched.name": ("none", "cosine", "exponential", "step"),
+    "sched.interval": ("epoch", "step"),
+    "tracking.backend": ("mlflow", "none"),
+    "trainer.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),
+    "trainer.precision": ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+}
+
+
+def _search_path_overrides() -> list[str]:
+    extra = [p for p in os.environ.get("PODIUM_CONFIG_PATH", "").split(os.pathsep) if p]
+    if not extra:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"file://{Path(p).resolve()}" for p in extra) + "]"]
+
+
+def group_options(group: str) -> list[str]:
+    """Option names of a config group (the YAML files in the group folder)."""
+    folders = [CONF_DIR / group] + [Path(p) / group for p in os.environ.get("PODIUM_CONFIG_PATH", "").split(os.pathsep) if p]
+    return sorted({f.stem for folder in folders if folder.is_dir() for f in folder.glob("*.yaml")})
+
+
+def _hydra_compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides + _search_path_overrides())
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose and validate; raises UserError on any problem the user can fix."""
+    overrides = list(overrides)
+    try:
+        cfg = _hydra_compose(overrides)
+    except Exception as err:  # Hydra wraps everything in its own exception types
+        raise UserError(_explain_hydra_error(err, overrides)) from None
+    return validate(cfg)
+
+
+def _explain_hydra_error(err: Exception, overrides: list[str]) -> str:
+    text = str(err)
+    cause = err.__cause__ or err.__context__
+    missing = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        choices = ", ".join(group_options(group)) or "(none)"
+        return f"unknown {group} '{option}'. Valid choices for {group}: {choices}."
+    if isinstance(cause, (ConfigKeyError, OmegaConfBaseException)) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        return f"unknown config key '{key}'. {_valid_keys_hint(key, overrides)}"
+    bad = re.search(r"Could not override '([^']+)'", text)
+    if bad:
+        return f"unknown config key '{bad.group(1)}'. {_valid_keys_hint(bad.group(1), overrides)}"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"cannot compose the config from {overrides}: {first_line}"
+
+
+def _valid_keys_hint(key: str, overrides: list[str]) -> str:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    selections = [o for o in overrides if "=" in o and o.split("=")[0].lstrip("+~") in HYDRA_GROUPS]
+    try:
+        base = _hydra_compose(selections)
+    except Exception:
+        return ""
+    node = OmegaConf.select(base, parent) if parent else base
+    if isinstance(node, DictConfig):
+        return f"Valid keys of {parent or 'the config'}: {', '.join(sorted(node.keys()))}."
+    return ""
+
+
+def _schema_keys(schema) -> list[str]:
+    return [f.name for f in fields(schema)] if is_dataclass(schema) else []
+
+
+def _check_node(group: str, node, schema) -> DictConfig:
+    """Merge `node` onto `schema`; turn OmegaConf's errors into messages that name the key."""
+    if not isinstance(node, DictConfig):
+        raise UserError(f"'{group}' must be a mapping of keys, got {node!r}.")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    except ConfigKeyError as err:
+        key = f"{group}.{err.full_key}" if err.full_key else group
+        raise UserError(f"unknown config key '{key}'. Valid keys of {group}: "
+                        f"{', '.join(_schema_keys(schema))}.") from None
+    except ValidationError as err:
+        key = f"{group}.{err.full_key}" if err.full_key else group
+        expected = getattr(err, "ref_type", None) or "the schema's type"
+        msg = str(err).splitlines()[0]
+        raise UserError(f"wrong type for '{key}': {msg} (expected {expected}).") from None
+    return merged
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return a validated, struct-mode config; raise UserError naming any bad key or value."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    allowed = set(ENGINE_GROUPS) | set(TASK_GROUPS) | set(TOP_LEVEL_KEYS)
+    for key in cfg.keys():
+        if key not in allowed:
+            raise UserError(f"unknown config key '{key}'. Valid top-level keys: {', '.join(sorted(allowed))}.")
+    out = {}
+    for key, typ in TOP_LEVEL_KEYS.items():
+        value = cfg.get(key)
+        if value is not None and key == "seed" and not isinstance(value, int):
+            raise UserError(f"wrong type for 'seed': expected an integer, got {value!r}.")
+        out[key] = value
+    if out.get("seed") is None:
+        out["seed"] = 0
+    for group, schema in ENGINE_GROUPS.items():
+        out[group] = _check_node(group, cfg.get(group, OmegaConf.create({})), schema)
+    for group in TASK_GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "name" not in node:
+            raise UserError(f"config group '{group}' needs a 'name' (choose with {group}=OPTION; "
+                            f"options: {', '.join(group_options(group))}).")
+        entry = registry.get(GROUP_KIND[group], node.name)
+        out[group] = _check_node(group, node, entry.schema) if entry.schema else node
+    result = OmegaConf.create({k: v for k, v in out.items()})
+    for dotted, choices in CHOICES.items():
+        value = OmegaConf.select(result, dotted)
+        if value is not None and str(value) not in choices:
+            raise UserError(f"{dotted}={value!r} is not valid. Valid choices: {', '.join(choices)}.")
+    OmegaConf.set_struct(result, True)
+    return result
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictConfig:
+    """A run's own resolved config, with optional `key=value` overrides, validated again."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a podium run folder (no config.yaml inside).")
+    cfg = OmegaConf.load(path)
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise UserError(f"override '{item}' is not of the form key=value.")
+            key, value = item.split("=", 1)
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                parent = key.rsplit(".", 1)[0] if "." in key else None
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                keys = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
+                raise UserError(f"unknown config key '{key}'. Valid keys of {parent or 'the config'}: {keys}.")
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
+    return validate(cfg)

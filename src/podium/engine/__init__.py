@@ -1,0 +1,1 @@
+"""Task-agnostic machinery: trainer, checkpoints, tracking, loading, registry. Knows no task."""

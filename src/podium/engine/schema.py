@@ -1,0 +1,106 @@
+"""Structured schemas for the engine's config groups.
+
+The engine's groups (trainer, optim, sched, tracking, run) have one fixed schema each. The task's
+groups (task, data, model, loss) are validated against the schema of the registered object their
+`name` selects (see `podium.config`). Field comments are the documentation users read with
+`podium train --cfg`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.999
+    evaluate_with_ema: bool = True  # validate and save "best" with the EMA weights
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # validations without improvement before stopping; 0 disables
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"  # auto | cpu | cuda | mps
+    devices: Any = 1  # number of devices (processes), or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp (Lightning Fabric strategy names)
+    precision: str = "auto"  # auto (bf16/fp16 mixed on GPU, 32 on CPU) | 32-true | bf16-mixed | 16-mixed
+    max_epochs: int = 10
+    max_steps: int = 0  # > 0: train by optimizer steps (epochs then only cycle the data)
+    val_every_n_epochs: int = 1
+    val_every_n_steps: int = 0  # > 0: validate every N optimizer steps instead of per epoch
+    accumulate_grad_batches: int = 1
+    grad_clip_norm: float = 0.0  # 0 disables clipping
+    gradient_checkpointing: bool = False  # asks the model to recompute activations
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    monitor: Optional[str] = None  # metric for best checkpoint / early stopping; default: the task's
+    monitor_mode: Optional[str] = None  # max | min; default: the task's
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint_every_n_steps: int = 0  # mid-epoch resumable checkpoints; 0 disables
+    checkpoint_every_minutes: float = 10.0  # time-based mid-epoch checkpoints; 0 disables
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    batch_size: int = 32  # per device
+    eval_batch_size: int = 0  # 0: same as batch_size
+    num_workers: int = -1  # -1: chosen from the CPU count
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+    data_wait_warn: float = 0.2  # warn when data wait exceeds this share of step time
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | nadam
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, nadam
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # none | cosine | exponential | step
+    warmup_steps: int = 0  # linear warmup in optimizer steps (added to warmup_epochs)
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine: final lr = lr * min_lr_ratio
+    gamma: float = 0.1  # exponential / step: decay factor per interval (per step_size for step)
+    step_size: int = 30  # step: decay every step_size intervals
+    interval: str = "epoch"  # exponential / step: count intervals in epochs or steps
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"  # mlflow | none
+    uri: Optional[str] = None  # default: sqlite:///<run.root>/mlflow.db ; http://HOST:PORT for a team server
+    experiment: Optional[str] = None  # default: the experiment name
+    timeout_s: float = 5.0  # connection check to a tracking server
+
+
+@dataclass
+class RunConfig:
+    root: str = "runs"
+    name: Optional[str] = None  # default: <timestamp>-<experiment>
+    dir: Optional[str] = None  # explicit run folder (overrides root/name)
+
+
+ENGINE_GROUPS = {
+    "trainer": TrainerConfig,
+    "optim": OptimConfig,
+    "sched": SchedConfig,
+    "tracking": TrackingConfig,
+    "run": RunConfig,
+}
+
+# Top-level scalar keys beside the groups.
+TOP_LEVEL_KEYS = {"seed": int, "name": str, "resume": str}
+TASK_GROUPS = ("task", "data", "model", "loss")

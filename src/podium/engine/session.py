@@ -1,0 +1,178 @@
+"""What `podium train / eval / predict` do, between the CLI and the Trainer.
+
+A session builds Lightning Fabric from the config, launches the processes (DDP on CPU with gloo,
+or under torchrun, which Fabric detects), makes the run folder on rank 0 and hands it to every
+rank, then runs the Trainer. The task is looked up by name in the registry, so the engine never
+imports a task.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
+
+from podium.engine import registry
+from podium.engine.runs import new_run_dir, write_json
+from podium.errors import UserError
+
+
+def make_fabric(tc, console: Console, devices=None):
+    from lightning.fabric import Fabric
+
+    from podium.engine.trainer import resolve_accelerator, resolve_precision
+
+    accelerator = resolve_accelerator(tc.accelerator)
+    devices = devices if devices is not None else tc.devices
+    strategy = tc.strategy
+    many = (isinstance(devices, int) and devices > 1) or tc.num_nodes > 1 or "WORLD_SIZE" in os.environ
+    if strategy == "auto" and many:
+        strategy = "ddp"
+    precision = resolve_precision(tc.precision, accelerator, console)
+    return Fabric(accelerator=accelerator, devices=devices, num_nodes=tc.num_nodes,
+                  strategy=strategy, precision=precision)
+
+
+def metrics_table(metrics: dict, title: str) -> Table:
+    """Rows are splits, columns are metric names (per-class entries stay in the JSON)."""
+    splits: dict[str, dict] = {}
+    for key, value in metrics.items():
+        split, _, name = key.partition("/")
+        if "/" in name or not isinstance(value, (int, float)):
+            continue
+        splits.setdefault(split, {})[name] = value
+    names: list[str] = []
+    for row in splits.values():
+        names += [n for n in row if n not in names]
+    table = Table(title=title)
+    table.add_column("split")
+    for name in names:
+        table.add_column(name, justify="right")
+    for split, row in splits.items():
+        table.add_row(split, *[f"{row[n]:.4f}" if n in row else "" for n in names])
+    return table
+
+
+def train(cfg, console: Console, resume_dir: Path | None = None) -> tuple[Path, dict]:
+    from podium.engine.checkpoint import cleanup_temp_files
+    from podium.engine.reproducibility import write_environment
+    from podium.engine.tracking import Tracker
+    from podium.engine.trainer import Trainer, plot_history
+
+    fabric = make_fabric(cfg.trainer, console)
+    fabric.launch()
+    is_main = fabric.global_rank == 0
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = Path(cfg.run.dir) if cfg.run.dir else new_run_dir(cfg.run.root, cfg.run.name, cfg.name)
+        if cfg.run.dir and (run_dir / "checkpoints" / "last.pt").exists():
+            raise UserError(f"run.dir={run_dir} already holds a run; continue it with "
+                            f"`podium train resume={run_dir}` or choose another run.dir.")
+    run_dir = Path(fabric.broadcast(str(run_dir), src=0))
+    resume_from = None
+    if resume_dir is not None:
+        resume_from = run_dir / "checkpoints" / "last.pt"
+        if not resume_from.is_file():
+            raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from.")
+    with open_dict(cfg):
+        cfg.run.dir, cfg.resume = str(run_dir), None
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        cleanup_temp_files(run_dir / "checkpoints")
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_environment(run_dir / "environment.json",
+                          [str(fabric.device)] * fabric.world_size)
+        console.print(f"run folder: {run_dir}")
+    tracker = Tracker(cfg.tracking, run_dir=run_dir, runs_root=Path(cfg.run.root), experiment=cfg.name,
+                      run_name=run_dir.name, enabled=is_main, console=console)
+    if is_main and resume_from is None:
+        tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
+    task = registry.build("task", cfg.task.name, cfg)
+    trainer = Trainer(cfg, task, run_dir, fabric, console=console, tracker=tracker)
+    status = "FAILED"
+    try:
+        trainer.setup()
+        trainer.fit(resume_from)
+        metrics = trainer.final_evaluation()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            tracker.finish(status)
+    if is_main:
+        write_json(run_dir / "metrics.json", metrics)
+        plot_history(trainer.state.history, run_dir / "plots" / "history.png")
+        tracker.log_metrics(metrics, step=trainer.state.step)
+        for name in ("config.yaml", "metrics.json", "history.csv", "environment.json"):
+            if (run_dir / name).exists():
+                tracker.log_artifact(run_dir / name)
+        if (run_dir / "plots").is_dir():
+            tracker.log_artifact(run_dir / "plots", "plots")
+        tracker.finish("FINISHED")
+    return run_dir, metrics
+
+
+def _trainer_for_run(run_dir: Path, overrides: list[str], console: Console, checkpoint: str):
+    from podium.config import load_run_config
+    from podium.engine import checkpoint as ckpt
+    from podium.engine.trainer import Trainer, _unwrap
+
+    cfg = load_run_config(run_dir, overrides)
+    with open_dict(cfg):
+        cfg.trainer.devices = 1
+        cfg.trainer.num_nodes = 1
+        cfg.trainer.strategy = "auto"
+    fabric = make_fabric(cfg.trainer, console)
+    task = registry.build("task", cfg.task.name, cfg)
+    trainer = Trainer(cfg, task, run_dir, fabric, console=console)
+    trainer.setup()
+    path = Path(checkpoint) if checkpoint.endswith(".pt") else run_dir / "checkpoints" / f"{checkpoint}.pt"
+    data = ckpt.load_checkpoint(path, map_location=fabric.device)
+    _unwrap(trainer.model).load_state_dict(data["model"])
+    if trainer.ema is not None and data.get("ema") is not None:
+        trainer.ema.load_state_dict(data["ema"])
+    return trainer, path
+
+
+def evaluate(run_dir: Path, overrides: list[str], console: Console, checkpoint: str = "best",
+             splits: list[str] | None = None, out: Path | None = None) -> tuple[dict, Path]:
+    from podium.engine.trainer import evaluate_splits
+
+    trainer, path = _trainer_for_run(run_dir, overrides, console, checkpoint)
+    metrics = evaluate_splits(trainer, splits)
+    out = out or run_dir / f"eval-{path.stem}.json"
+    write_json(out, metrics)
+    return metrics, out
+
+
+def predict(run_dir: Path, inputs: list[Path], out: Path, console: Console, checkpoint: str = "best",
+            overrides: list[str] | None = None) -> Path:
+    trainer, _ = _trainer_for_run(run_dir, overrides or [], console, checkpoint)
+    files = expand_inputs(inputs)
+    model = trainer.eval_model()
+    model.eval()
+    return trainer.task.predict(model, files, out, trainer.ctx())
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".h5", ".npy", ".mat"}
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise UserError(f"input {item} does not exist.")
+    if not files:
+        raise UserError(f"no input files found in {', '.join(map(str, inputs))}.")
+    return files

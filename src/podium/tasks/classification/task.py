@@ -1,0 +1,144 @@
+"""The image-classification task: the Trainer's hooks for (image, label) data.
+
+    podium train experiment=digits
+    podium eval runs/<run> --split test_corrupted
+    podium predict runs/<run> images/ --out predictions.csv
+
+Evaluation records keep each sample's id, label and class probabilities, so the saved
+`predictions/<split>.csv` files can be averaged by ensembles and cross-validation later.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from podium.engine import registry
+from podium.engine.registry import register
+from podium.errors import UserError
+from podium.tasks.base import StepContext, Task
+from podium.tasks.classification import data as cls_data
+from podium.tasks.classification import metrics as cls_metrics
+
+
+@dataclass
+class ClassificationTaskConfig:
+    name: str = "classification"
+    misclassified_grid: int = 36  # images in the misclassified plot per split
+
+
+@register("task", "classification", schema=ClassificationTaskConfig,
+          help="Single-label image classification (macro-F1).")
+class ClassificationTask(Task):
+    monitor = "val/macro_f1"
+    monitor_mode = "max"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._datasets = None
+        self.loss_fn = None
+
+    # ---- building
+    def build_datasets(self):
+        if self._datasets is None:
+            self._datasets = registry.build("dataset", self.cfg.data.name, self.cfg.data, seed=self.cfg.seed)
+        return self._datasets
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.build_datasets()["train"].classes)
+
+    def build_model(self):
+        train = self.build_datasets()["train"]
+        return registry.build("model", self.cfg.model.name, self.cfg.model,
+                              num_classes=len(train.classes), in_chans=train.in_chans)
+
+    def build_loss(self, datasets):
+        train = datasets["train"]
+        counts = np.bincount(np.asarray(train.targets, dtype=np.int64), minlength=len(train.classes)).tolist()
+        self.loss_fn = registry.build("loss", self.cfg.loss.name, self.cfg.loss,
+                                      num_classes=len(train.classes), class_counts=counts)
+
+    # ---- training
+    def training_step(self, model, batch, ctx: StepContext):
+        images, labels = batch
+        logits = model(images)
+        return {"loss": self.loss_fn(logits, labels)}
+
+    # ---- evaluation
+    @torch.no_grad()
+    def evaluation_step(self, model, batch, ctx: StepContext) -> list[dict]:
+        images, labels, indices = batch if len(batch) == 3 else (*batch, None)
+        probs = F.softmax(model(images).float(), dim=1).cpu().numpy()
+        labels = labels.cpu().numpy()
+        records = []
+        for i in range(len(labels)):
+            records.append({"label": int(labels[i]), "probs": probs[i].astype(np.float32),
+                            "image": images[i].float().cpu().numpy() if probs[i].argmax() != labels[i] else None})
+        return records
+
+    def collate_fn(self):
+        return None
+
+    def aggregate(self, records, split):
+        if not records:
+            raise UserError(f"the {split} split produced no samples.")
+        y_true = np.array([r["label"] for r in records])
+        probs = np.stack([r["probs"] for r in records])
+        return cls_metrics.classification_metrics(y_true, probs, self.classes)
+
+    # ---- outputs
+    def save_predictions(self, records, split, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{split}.csv"
+        classes = self.classes
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "label", "pred", *[f"prob_{c}" for c in classes]])
+            for i, r in enumerate(records):
+                writer.writerow([i, classes[r["label"]], classes[int(r["probs"].argmax())],
+                                 *[f"{p:.6f}" for p in r["probs"]]])
+        return [path]
+
+    def visualize(self, records, split, out_dir: Path):
+        y_true = np.array([r["label"] for r in records])
+        y_pred = np.array([int(r["probs"].argmax()) for r in records])
+        paths = [cls_metrics.plot_confusion_matrix(y_true, y_pred, self.classes, out_dir / f"confusion_{split}.png")]
+        wrong = [r for r in records if r["image"] is not None][: self.cfg.task.misclassified_grid]
+        images = np.stack([r["image"] for r in wrong]) if wrong else np.zeros((0, 1, 8, 8), np.float32)
+        paths.append(cls_metrics.plot_misclassified(
+            images, np.array([r["label"] for r in wrong], dtype=int),
+            np.array([int(r["probs"].argmax()) for r in wrong], dtype=int), self.classes,
+            out_dir / f"misclassified_{split}.png", max_images=self.cfg.task.misclassified_grid))
+        return paths
+
+    def predict(self, model, inputs, out_file: Path, ctx: StepContext):
+        from rich.progress import track
+
+        classes = self.classes
+        out_file = Path(out_file)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        batch_size = self.cfg.trainer.eval_batch_size or self.cfg.trainer.batch_size
+        rows = []
+        for start in track(range(0, len(inputs), batch_size), description="predicting",
+                           transient=True):
+            chunk = inputs[start:start + batch_size]
+            images = torch.stack([cls_data.read_image_for_predict(p, self.cfg.data) for p in chunk])
+            with torch.no_grad():
+                probs = F.softmax(model(images.to(ctx.device)).float(), dim=1).cpu().numpy()
+            for path, p in zip(chunk, probs):
+                rows.append([str(path), classes[int(p.argmax())], *[f"{x:.6f}" for x in p]])
+        with out_file.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "label", *[f"prob_{c}" for c in classes]])
+            writer.writerows(rows)
+        return out_file
+
+    def example_input(self):
+        image, _ = self.build_datasets()["val"][0]
+        return image.unsqueeze(0)
