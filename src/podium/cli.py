@@ -36,7 +36,7 @@ def _console():
 def _error_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # never break a file name across lines
 
 
 def _clean_message(message: str) -> str:

@@ -67,10 +67,23 @@ def compose(overrides: list[str]) -> DictConfig:
     """Compose and validate; raises UserError on any problem the user can fix."""
     overrides = list(overrides)
     try:
-        cfg = _hydra_compose(overrides)
+        cfg = _hydra_compose([_add_or_override(o) for o in overrides])
     except Exception as err:  # Hydra wraps everything in its own exception types
         raise UserError(_explain_hydra_error(err, overrides)) from None
     return validate(cfg)
+
+
+_DOTTED_ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
+def _add_or_override(override: str) -> str:
+    """`group.key=value` → `++group.key=value`.
+
+    A group's YAML need not spell out every key of its schema, so Hydra may not know a valid key
+    yet; forcing the assignment lets the schema, not the YAML, decide what is valid — and a
+    misspelled key still fails, in `validate`, with the schema's list of valid keys.
+    """
+    return "++" + override if _DOTTED_ASSIGNMENT.match(override) else override
 
 
 def _explain_hydra_error(err: Exception, overrides: list[str]) -> str:

@@ -90,7 +90,13 @@ class ClassificationTask(Task):
             raise UserError(f"the {split} split produced no samples.")
         y_true = np.array([r["label"] for r in records])
         probs = np.stack([r["probs"] for r in records])
-        return cls_metrics.classification_metrics(y_true, probs, self.classes)
+        metrics = cls_metrics.classification_metrics(y_true, probs, self.classes)
+        datasets = self.build_datasets()
+        if split == "val" and datasets["train"].skipped:  # data.on_error=skip: say what was dropped
+            metrics["train_skipped_images"] = float(len(datasets["train"].skipped))
+        if datasets.get(split) is not None and getattr(datasets[split], "skipped", None):
+            metrics["skipped_images"] = float(len(datasets[split].skipped))
+        return metrics
 
     # ---- outputs
     def save_predictions(self, records, split, out_dir: Path):
