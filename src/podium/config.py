@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -121,6 +122,21 @@ def _schema_keys(schema) -> list[str]:
     return [f.name for f in fields(schema)] if is_dataclass(schema) else []
 
 
+def _expected_type(schema, dotted_key: str | None) -> str | None:
+    """The declared type of `dotted_key` in a dataclass schema, as users write it ("int")."""
+    if not dotted_key:
+        return None
+    node = schema
+    for part in dotted_key.split("."):
+        if not is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return getattr(node, "__name__", None) if isinstance(node, type) else str(node).replace("typing.", "")
+
+
 def _check_node(group: str, node, schema) -> DictConfig:
     """Merge `node` onto `schema`; turn OmegaConf's errors into messages that name the key."""
     if not isinstance(node, DictConfig):
@@ -133,7 +149,7 @@ def _check_node(group: str, node, schema) -> DictConfig:
                         f"{', '.join(_schema_keys(schema))}.") from None
     except ValidationError as err:
         key = f"{group}.{err.full_key}" if err.full_key else group
-        expected = getattr(err, "ref_type", None) or "the schema's type"
+        expected = _expected_type(schema, err.full_key) or "the schema's type"
         msg = str(err).splitlines()[0]
         raise UserError(f"wrong type for '{key}': {msg} (expected {expected}).") from None
     return merged
@@ -149,7 +165,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     out = {}
     for key, typ in TOP_LEVEL_KEYS.items():
         value = cfg.get(key)
-        if value is not None and key == "seed" and not isinstance(value, int):
+        if value is not None and key == "seed" and (not isinstance(value, int) or isinstance(value, bool)):
             raise UserError(f"wrong type for 'seed': expected an integer, got {value!r}.")
         out[key] = value
     if out.get("seed") is None:

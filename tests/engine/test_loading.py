@@ -111,12 +111,6 @@ def test_train_shards_are_padded_to_equal_length(world_size):
     assert len(union) - length == (-length) % world_size  # only the padding repeats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EpochSampler._shard pads with order[:extra], which is shorter than `extra` when the "
-    "dataset holds fewer than half as many samples as ranks (1 sample on 4 ranks gives shard "
-    "lengths [1, 1, 0, 0]); unequal training shards hang DDP",
-)
 @pytest.mark.parametrize("length, world_size", [(1, 4), (3, 8)])
 def test_train_shards_are_equal_when_the_dataset_is_smaller_than_world_size(length, world_size):
     sizes = [len(EpochSampler(length, shuffle=True, seed=0, batch_size=1, rank=r, world_size=world_size))
@@ -137,12 +131,6 @@ def test_seeded_dataset_is_deterministic_per_index_and_epoch():
     assert ds.n == 24  # attributes of the wrapped dataset are exposed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SeededDataset.__getitem__ seeds torch with (seed*1_000_003+epoch)*10_000_019+index "
-    "without reducing it; for seed >= ~1.85e6 (e.g. 20240101, 2**31-1) it exceeds 64 bits and "
-    "torch.manual_seed raises 'Overflow when unpacking long long'",
-)
 @pytest.mark.parametrize("seed", [20240101, 2**31 - 1])
 def test_seeded_dataset_accepts_large_seeds(seed):
     ds = SeededDataset(RandomItems(), seed=seed)
@@ -215,12 +203,6 @@ def test_make_loader_drop_last_rule():
     assert make_loader(RandomItems(10), train=True, batch_size=4, num_workers=0, drop_last=False).drop_last is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_loader's drop_last rule uses len(dataset) // world_size, but padded training "
-    "shards hold ceil(len / world_size) samples: 9 samples on 2 ranks with batch 4 gives 5 per "
-    "rank and a last training batch of 1 sample (breaks BatchNorm) with drop_last=False",
-)
 def test_padded_training_shards_never_end_with_a_single_sample_batch():
     loader = make_loader(RandomItems(9), train=True, batch_size=4, num_workers=0, rank=0, world_size=2)
     assert min(len(i) for i, _ in loader) > 1

@@ -111,12 +111,6 @@ def test_unknown_scheduler_and_interval_are_user_errors():
         build_scheduler(opt, SchedConfig(name="step", interval="hour"), 100, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_scheduler validates with lr_factor(0, cfg, total_steps, steps_per_epoch) using "
-    "the raw steps_per_epoch, while the LambdaLR uses max(1, steps_per_epoch): with 0 and an "
-    "epoch interval the check itself raises ZeroDivisionError",
-)
 def test_build_scheduler_tolerates_zero_steps_per_epoch():
     opt = torch.optim.SGD(params(), lr=0.1)
     sched = build_scheduler(opt, SchedConfig(name="exponential", gamma=0.5, interval="epoch"), 10, 0)

@@ -44,13 +44,13 @@ class EpochSampler(Sampler):
 
     def _shard(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
             order = torch.randperm(self.length, generator=g).tolist()
         else:
             order = list(range(self.length))
         if self.pad and self.world_size > 1 and self.length % self.world_size:
-            extra = self.world_size - self.length % self.world_size
-            order += order[:extra]
+            total = -(-self.length // self.world_size) * self.world_size  # round up
+            order = (order * -(-total // self.length))[:total]
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -73,7 +73,9 @@ class SeededDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            # Only the CPU generator: torch.manual_seed would also queue CUDA/XPU/MTIA seeding,
+            # which records a stack trace per call (~1.5 ms per sample when no GPU is in use).
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
             return self.dataset[index]
 
     def __getattr__(self, name):  # expose classes, targets... of the wrapped dataset
@@ -104,7 +106,7 @@ def make_loader(
         pin_memory = torch.cuda.is_available()
     if drop_last is None:
         # A last batch of one sample breaks BatchNorm in training; drop it when there is more.
-        drop_last = train and len(dataset) // max(1, world_size) > batch_size
+        drop_last = train and -(-len(dataset) // max(1, world_size)) > batch_size
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, batch_size=batch_size,
                            rank=rank, world_size=world_size, pad=train)
     extra = {}

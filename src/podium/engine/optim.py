@@ -52,7 +52,7 @@ def lr_factor(step: int, cfg, total_steps: int, steps_per_epoch: int) -> float:
 def build_scheduler(optimizer, cfg, total_steps: int, steps_per_epoch: int):
     if cfg.interval not in ("epoch", "step"):
         raise UserError(f"sched.interval={cfg.interval!r}: expected 'epoch' or 'step'.")
-    lr_factor(0, cfg, total_steps, steps_per_epoch)  # validates the name before training starts
+    lr_factor(0, cfg, total_steps, max(1, steps_per_epoch))  # validates the name before training starts
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg, total_steps, max(1, steps_per_epoch))
     )

@@ -260,14 +260,24 @@ def plot_misclassified(
         )
         return _save(fig, path)
 
+    # One mosaic image with text labels: one axes instead of one per image is ~10x faster to draw.
+    tiles = [_to_display(images[index]) for index in wrong]
+    rgb = [np.repeat(t[..., None], 3, axis=2) if t.ndim == 2 else t for t, _ in tiles]
+    h, w = max(t.shape[0] for t in rgb), max(t.shape[1] for t in rgb)
     ncols = math.ceil(math.sqrt(len(wrong)))
     nrows = math.ceil(len(wrong) / ncols)
+    gap = max(1, h // 8)
+    mosaic = np.ones((nrows * (h + gap), ncols * (w + gap), 3), np.float32)
+    for k, tile in enumerate(rgb):
+        r, c = divmod(k, ncols)
+        mosaic[r * (h + gap): r * (h + gap) + tile.shape[0], c * (w + gap): c * (w + gap) + tile.shape[1]] = tile
     fig = _new_figure((2.0 * ncols, 2.2 * nrows))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(mosaic, vmin=0.0, vmax=1.0, interpolation="nearest")
     for k, index in enumerate(wrong):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        shown, cmap = _to_display(images[index])
-        ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"{classes[y_true[index]]} → {classes[y_pred[index]]}", fontsize=8)
-        ax.axis("off")
+        r, c = divmod(k, ncols)
+        ax.text(c * (w + gap) + w / 2, r * (h + gap) - gap / 4, f"{classes[y_true[index]]} → {classes[y_pred[index]]}",
+                ha="center", va="bottom", fontsize=8)
+    ax.axis("off")
     fig.suptitle(f"misclassified: {int((y_true != y_pred).sum())} of {len(y_true)} (true → pred)")
     return _save(fig, path)
