@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 demo: $(VENV)/.installed
-	$(BIN)/python scripts/demo.py
+	$(BIN)/podium train experiment=digits
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q --timeout=900

@@ -8,8 +8,8 @@ What it measures
    same number of optimizer steps, run
 
    A. through podium's Trainer (Lightning Fabric, progress bar on, tracking off, the time-based
-      checkpoint off): `Trainer(cfg, task, run_dir, fabric)`, `setup()`, `fit()` with
-      `trainer.max_steps=N`;
+      checkpoint off, on the CPU like B even where a GPU is visible):
+      `Trainer(cfg, task, run_dir, fabric)`, `setup()`, `fit()` with `trainer.max_steps=N`;
    B. through a plain PyTorch loop: forward, `loss.backward(); opt.step(); opt.zero_grad()`
       and `loss.item()` per step, with AdamW of the same settings.
 
@@ -22,8 +22,13 @@ What it measures
    an epoch boundary (in A that one also holds the per-epoch validation and `last.pt`, which
    are not per-step costs; fit's final validation is after the last timed step anyway).
    A and B alternate (A B A B ...) for R rounds in one process, with the same
-   `torch.set_num_threads`, and the medians of all kept steps are compared: the ratio A/B,
-   goal <= 1.02. The trainer's data-wait share is `train/data_wait` of its last history row.
+   `torch.set_num_threads`. Reported: the median of all kept steps of each side, and the ratio
+   A/B (goal <= 1.02) as the median over rounds of each round's paired ratio
+   median(A_r) / median(B_r). Pairing A with the B that ran right after it keeps a burst of
+   load that slows a whole segment (on a busy machine one can make a segment 10x slower) from
+   deciding the result unless it hits most rounds; the ratio of the two overall medians is in
+   the JSON too (`ratio_of_medians`). The trainer's data-wait share is `train/data_wait` of its
+   last history row (median over rounds).
 
 2. Data loading. A folder of 64x64 PNGs in the `image_folder` layout (root/train/<class>/,
    root/val/<class>/) is read through `make_loader(ds, train=True, batch_size=32, seed=0)`
@@ -40,15 +45,21 @@ How to run it
     python benchmarks/trainer_overhead.py --json bench-out/trainer_overhead.json   # full
 
 --quick: N=30 steps, R=3 rounds, 10 classes x 40 images; full: N=100, R=5, 10 x 100.
-`--threads K` sets torch's intra-op threads for both loops (default: torch's own default).
+`--threads K` sets torch's intra-op threads for both loops (default: torch's own default, what
+`podium train` gets). On a machine that other work keeps busy, two or more threads stall each
+other at every parallel op and single rounds slow down several-fold; `--threads 1` is much
+steadier there, at the price of a slower step that hides half of any per-step overhead.
 
 How to read it
 --------------
 Read the ratios, not the absolute times. Timings on shared CPU machines move by 10-20%
 between runs (other tenants, frequency scaling); A and B run interleaved in one process, so
-such drift hits both and largely cancels in the ratio. The per-round ratios show how much a
-single round would have moved. A ratio above 1.02 in several runs means the Trainer does too
-much per step; a high data-wait share means the step is waiting for the loader, not the model.
+slow drift hits both and largely cancels in the ratio. The per-round ratios show how much a
+single round moves, and "rounds moved" how far one side's per-round medians lie apart: above
+10% the run is flagged NOISY (the load on the machine changed during the run) and its ratio
+deserves little trust; rerun it. A ratio above 1.02 in several steady runs means the Trainer
+does too much per step; a high data-wait share means the step waits for the loader, not the
+model.
 """
 
 from __future__ import annotations
@@ -195,13 +206,15 @@ def bench_step_time(steps: int, rounds: int, warmup: int, threads: int, workdir:
         per_round.append({"trainer_ms": 1e3 * median(a), "plain_ms": 1e3 * median(b),
                           "ratio": median(a) / median(b)})
     trainer_ms, plain_ms = 1e3 * median(trainer_times), 1e3 * median(plain_times)
+    ratio = median(r["ratio"] for r in per_round)
     # How far the machine moved during the run: the spread of one side's per-round medians.
     drift = max(max(r[k] for r in per_round) / min(r[k] for r in per_round)
                 for k in ("trainer_ms", "plain_ms")) - 1
     return {
         "trainer_median_ms": trainer_ms,
         "plain_median_ms": plain_ms,
-        "ratio": trainer_ms / plain_ms,
+        "ratio": ratio,
+        "ratio_of_medians": trainer_ms / plain_ms,
         "goal": GOAL,
         "data_wait_share": median(waits),
         "steps": steps,
@@ -293,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     import torch
+    from rich.console import Console
 
     size = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
     warmup = 2 if args.tiny else WARMUP_STEPS
@@ -310,28 +324,33 @@ def main(argv: list[str] | None = None) -> dict:
               "mode": "tiny" if args.tiny else "quick" if args.quick else "full", "wall_s": wall}
     m = result["machine"]
     verdict = "ok" if step["ratio"] <= GOAL else "above goal"
+    kept = f"{step['rounds']} x {step['steps']} steps"
     rows = [
         ("Trainer step, median", f"{step['trainer_median_ms']:.2f} ms",
-         f"{step['measured_steps']['trainer']} steps kept of {step['rounds']} x {step['steps']}"),
+         f"{step['measured_steps']['trainer']} kept of {kept}"),
         ("plain loop step, median", f"{step['plain_median_ms']:.2f} ms",
-         f"{step['measured_steps']['plain']} steps kept of {step['rounds']} x {step['steps']}"),
-        ("ratio Trainer / plain", f"{step['ratio']:.3f}", f"goal <= {GOAL} ({verdict})"),
-        ("  per round", ", ".join(f"{x:.3f}" for x in step["ratio_per_round"]),
-         f"rounds moved {step['round_drift']:.0%}" + (" (noisy: rerun)" if step["noisy"] else "")),
-        ("Trainer data-wait share", f"{step['data_wait_share']:.1%}", "train/data_wait, num_workers=0"),
+         f"{step['measured_steps']['plain']} kept of {kept}"),
+        ("ratio Trainer / plain", f"{step['ratio']:.3f}", f"goal <= {GOAL}: {verdict}"),
+        ("  per round (ratio: median)", ", ".join(f"{x:.3f}" for x in step["ratio_per_round"]),
+         f"rounds moved {step['round_drift']:.0%}" + (": NOISY" if step["noisy"] else "")),
+        ("Trainer data-wait share", f"{step['data_wait_share']:.1%}", "num_workers=0"),
         None,
         (f"defaults (num_workers={data['num_workers_default']})",
          f"{data['defaults_samples_per_s']:.0f} samples/s",
-         f"first pass {data['first_pass_samples_per_s']['defaults']:.0f} (starts workers)"),
+         f"1st pass {data['first_pass_samples_per_s']['defaults']:.0f}/s"),
         ("num_workers=0", f"{data['workers0_samples_per_s']:.0f} samples/s",
-         f"first pass {data['first_pass_samples_per_s']['workers0']:.0f}"),
+         f"1st pass {data['first_pass_samples_per_s']['workers0']:.0f}/s"),
         ("ratio defaults / workers0", f"{data['ratio']:.3f}",
-         f"{data['passes']} passes x {data['samples_per_pass']} images {IMAGE_SIZE}px"),
+         f"{data['passes']} passes x {data['samples_per_pass']}"),
     ]
     caption = (f"{m['cpus_usable'] or m['cpu_count']} CPUs, torch {m['torch']}, "
                f"{threads} threads, {result['mode']} mode, {wall:.0f} s. "
                "Compare ratios: both sides ran interleaved in this process.")
     print_table("podium: Trainer overhead and data loading", ["measure", "value", "note"], rows, caption)
+    if step["noisy"]:
+        Console().print(f"[yellow]one side's per-round medians moved {step['round_drift']:.0%}: the "
+                        "machine's load changed during the run; trust the ratio little. Rerun, or try "
+                        "--threads 1.")
     if args.json:
         write_json(args.json, result)
     return result

@@ -91,10 +91,11 @@ def train(
 ):
     """Train a model from configs.
 
-    Examples:
-      podium train experiment=digits trainer.max_epochs=3 optim.lr=3e-4 run.dir=runs/x
-      podium train resume=runs/x            (continue an interrupted run)
-      podium train experiment=digits trainer.devices=2 trainer.accelerator=cpu   (DDP)
+    Example: podium train experiment=digits trainer.max_epochs=3 optim.lr=3e-4 run.dir=runs/x
+
+    Continue an interrupted run: podium train resume=runs/x
+
+    Two CPU processes (DDP): podium train experiment=digits trainer.devices=2 trainer.accelerator=cpu
     """
     from omegaconf import OmegaConf
 
@@ -260,7 +261,7 @@ def _list(kind: str, pattern: str):
 
     from podium.engine import registry
 
-    table = Table(title=f"{kind}s")
+    table = Table(title={"loss": "losses"}.get(kind, f"{kind}s"))
     table.add_column("name")
     table.add_column("description")
     for entry in registry.entries(kind):

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from podium.engine import checkpoint as ckpt
 from podium.engine import reproducibility as repro
-from podium.engine.loading import make_loader
+from podium.engine.loading import default_num_workers, make_loader
 from podium.engine.optim import build_optimizer, build_scheduler
 from podium.engine.runs import write_history, write_json
 from podium.errors import TrainingDiverged, UserError
@@ -124,8 +124,21 @@ class Trainer:
             rank=self.fabric.global_rank, world_size=self.fabric.world_size,
         )
 
+    def _limit_cpu_threads(self) -> None:
+        """On CPU, leave the cores the loader workers use: torch's intra-op threads spin while
+        they wait, and one thread too many on a busy core made training 4x slower (measured:
+        digits on 2 cores, 1 worker, 230 vs 51 samples/s)."""
+        if self.fabric.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+            return
+        workers = self.tc.num_workers if self.tc.num_workers >= 0 else default_num_workers(self.fabric.world_size)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cpus // self.fabric.world_size - workers)
+        if torch.get_num_threads() > threads:
+            torch.set_num_threads(threads)
+
     def setup(self) -> None:
         cfg, task, fabric = self.cfg, self.task, self.fabric
+        self._limit_cpu_threads()
         repro.seed_everything(cfg.seed, self.tc.deterministic)
         model = task.build_model()
         if self.tc.gradient_checkpointing:
