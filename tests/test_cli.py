@@ -52,7 +52,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ui_serves_mlflow_on_loopback(tmp_path):
+def test_ui_serves_mlflow_on_loopback_and_training_logs_to_a_server(tmp_path):
+    """`podium ui` starts an MLflow server on 127.0.0.1; a run with tracking.uri=http://... logs
+    to it as it would to a team server."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "podium", "ui", "--root", str(tmp_path), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -64,6 +66,18 @@ def test_ui_serves_mlflow_on_loopback(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert ok, proc.stdout.read1().decode() if proc.poll() is not None else "no answer"
+        uri = f"http://127.0.0.1:{port}"
+        result = CliRunner().invoke(app, ["train", "experiment=digits", "data.image_size=16", "model.width=4",
+                                          "model.blocks=1", "trainer.max_steps=3", "trainer.num_workers=0",
+                                          "data.augment=[]", f"tracking.uri={uri}", f"run.root={tmp_path}",
+                                          "run.name=served"])
+        assert result.exit_code == 0, result.output
+        assert "tracking disabled" not in result.output
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+        assert run.info.status == "FINISHED" and "test/macro_f1" in run.data.metrics
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
