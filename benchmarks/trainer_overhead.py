@@ -45,10 +45,14 @@ How to run it
     python benchmarks/trainer_overhead.py --json bench-out/trainer_overhead.json   # full
 
 --quick: N=30 steps, R=3 rounds, 10 classes x 40 images; full: N=100, R=5, 10 x 100.
-`--threads K` sets torch's intra-op threads for both loops (default: torch's own default, what
-`podium train` gets). On a machine that other work keeps busy, two or more threads stall each
-other at every parallel op and single rounds slow down several-fold; `--threads 1` is much
-steadier there, at the price of a slower step that hides half of any per-step overhead.
+`--threads K` sets torch's intra-op threads for both loops (`torch.set_num_threads`); the
+default is 1, `--threads 0` keeps torch's own default (one per core, what `podium train` gets).
+Why 1: on a machine that other work keeps busy, two or more threads wait for each other at
+every parallel op, and whole segments run up to 10x slower in bursts (seen on the 2-CPU
+machines this was written on: per-round medians of 100 ms and 1,200 ms in one run), which
+no statistic over 3-5 rounds survives. One thread is steady to 1-2% there. The price: a
+slower step (1.75x here) dilutes a fixed per-step overhead by as much, so check a ratio near
+the goal again with `--threads 0` on a quiet machine.
 
 How to read it
 --------------
@@ -300,8 +304,8 @@ def bench_data_loading(per_class: int, rounds: int, threads: int, workdir: Path)
 
 def main(argv: list[str] | None = None) -> dict:
     parser = make_parser(__doc__)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for both loops (default: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for both loops (default 1; 0: torch's default)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -310,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     size = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
     warmup = 2 if args.tiny else WARMUP_STEPS
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads if args.threads > 0 else torch.get_num_threads()
     torch.set_num_threads(threads)
 
     start = time.perf_counter()
@@ -349,8 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_table("podium: Trainer overhead and data loading", ["measure", "value", "note"], rows, caption)
     if step["noisy"]:
         Console().print(f"[yellow]one side's per-round medians moved {step['round_drift']:.0%}: the "
-                        "machine's load changed during the run; trust the ratio little. Rerun, or try "
-                        "--threads 1.")
+                        "machine's load changed during the run; trust the ratio little. Rerun"
+                        + (", or use --threads 1." if threads > 1 else "."))
     if args.json:
         write_json(args.json, result)
     return result

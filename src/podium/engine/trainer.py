@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from podium.engine import checkpoint as ckpt
 from podium.engine import reproducibility as repro
 from podium.engine.loading import default_num_workers, make_loader
 from podium.engine.optim import build_optimizer, build_scheduler
-from podium.engine.runs import write_history, write_json
+from podium.engine.runs import write_history
 from podium.errors import TrainingDiverged, UserError
 from podium.tasks.base import StepContext, Task
 

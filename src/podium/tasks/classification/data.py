@@ -23,7 +23,6 @@ augmentation) raise `UserError` naming the file, row or config key and what was 
 from __future__ import annotations
 
 import csv
-import inspect
 import logging
 import os
 import re
@@ -35,14 +34,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from PIL import Image, ImageOps
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from podium.engine.registry import register
+from podium.common.augment import augment_choices, build_augmentations, plain as _plain  # noqa: F401
+from podium.common.images import load_image  # noqa: F401  (part of this module's API)
 from podium.errors import UserError
 from podium.tasks.classification.corruptions import CorruptedDataset
 
@@ -102,13 +101,6 @@ class CsvConfig(ImageDataConfig):
     label_column: str = "label"
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (so torchvision gets lists, not ListConfig)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def _as_config(cfg: Any, schema: type) -> Any:
     """Read `cfg` (a DictConfig, a mapping, or any object with attributes) into `schema`.
 
@@ -161,91 +153,7 @@ def _check_common(c: ImageDataConfig) -> tuple[list[float], list[float]]:
     return stats["mean"], stats["std"]
 
 
-# ---- transforms ---------------------------------------------------------------------------
-
-# v2 transforms that make no sense inside a config-driven per-image training pipeline: dtype and
-# type conversions (the pipeline does its own), batch-level mixing (needs the labels), and ops on
-# boxes, key points or videos.
-_NOT_AUGMENTATIONS = {
-    "Transform", "Lambda", "LinearTransformation", "Normalize", "ToDtype", "ConvertImageDtype",
-    "ToImage", "ToPILImage", "ToPureTensor", "ToTensor", "PILToTensor", "CutMix", "MixUp",
-    "FiveCrop", "TenCrop", "ClampBoundingBoxes", "ClampKeyPoints", "ConvertBoundingBoxFormat",
-    "SanitizeBoundingBoxes", "SanitizeKeyPoints", "SetClampingMode", "RandomIoUCrop",
-    "UniformTemporalSubsample",
-}  # fmt: skip
-# Containers whose `transforms` argument is itself a list of augmentation entries.
-_CONTAINERS = {"Compose", "RandomApply", "RandomChoice", "RandomOrder"}
-
-
-def augment_choices() -> list[str]:
-    """The torchvision.transforms.v2 class names accepted in `data.augment`."""
-    return sorted(
-        name
-        for name, obj in vars(v2).items()
-        if inspect.isclass(obj) and issubclass(obj, v2.Transform) and name not in _NOT_AUGMENTATIONS
-    )
-
-
-def _build_augmentation(spec: Any, where: str) -> v2.Transform:
-    spec = _plain(spec)
-    if isinstance(spec, str):  # shorthand: "RandomHorizontalFlip"
-        spec = {"name": spec}
-    if not isinstance(spec, Mapping) or "name" not in spec:
-        raise UserError(
-            f"{where} must be a mapping with a 'name' key, e.g. {{name: RandomRotation, degrees: 10}}; "
-            f"got {spec!r}."
-        )
-    kwargs = dict(spec)
-    name = kwargs.pop("name")
-    choices = augment_choices()
-    if name not in choices:
-        raise UserError(
-            f"{where}: unknown augmentation {name!r}. Valid torchvision.transforms.v2 names: "
-            f"{', '.join(choices)}."
-        )
-    if name in _CONTAINERS and isinstance(kwargs.get("transforms"), list):
-        kwargs["transforms"] = [
-            _build_augmentation(sub, f"{where}.transforms[{j}]")
-            for j, sub in enumerate(kwargs["transforms"])
-        ]
-    try:
-        return getattr(v2, name)(**kwargs)
-    except (TypeError, ValueError) as e:
-        params = ", ".join(p for p in inspect.signature(getattr(v2, name)).parameters if p != "self")
-        raise UserError(f"{where} ({name}): {e}. {name} accepts: {params}.") from None
-
-
-def build_augmentations(
-    specs: Sequence[Any], channels: int, image_size: int, where: str = "data.augment"
-) -> list[v2.Transform]:
-    """Build `data.augment` entries into v2 transforms, and try each once on a dummy image.
-
-    The dry run turns what would otherwise fail in the first training batch (an op that needs
-    float input, one that changes the channel count or the image size) into a config error
-    naming the entry, before any work starts.
-    """
-    transforms = [_build_augmentation(spec, f"{where}[{i}]") for i, spec in enumerate(specs or [])]
-    gen = torch.Generator().manual_seed(0)
-    shape = (channels, image_size, image_size)
-    x = tv_tensors.Image(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen))
-    with torch.random.fork_rng(devices=[]):  # the dry run must not shift the run's random stream
-        for i, t in enumerate(transforms):
-            name = type(t).__name__
-            try:
-                x = t(x)
-            except Exception as e:  # noqa: BLE001 - any failure here is a config problem
-                raise UserError(
-                    f"{where}[{i}] ({name}) cannot be applied to a {channels}-channel uint8 "
-                    f"{image_size}x{image_size} image: {e}"
-                ) from None
-            if not isinstance(x, torch.Tensor) or tuple(x.shape) != (channels, image_size, image_size):
-                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise UserError(
-                    f"{where}[{i}] ({name}) turns a ({channels}, {image_size}, {image_size}) image "
-                    f"into {got}; augmentations must keep the channel count and data.image_size "
-                    f"so that train and eval images match."
-                )
-    return transforms
+# ---- transforms ----------------------------------------------------------------------------
 
 
 def build_transform(cfg: Any, train: bool) -> v2.Compose:
@@ -260,48 +168,6 @@ def build_transform(cfg: Any, train: bool) -> v2.Compose:
         steps += build_augmentations(c.augment, c.channels, c.image_size)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
-
-
-# ---- decoding -----------------------------------------------------------------------------
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit and float images (scans, TIFFs) to 8-bit grey; PIL's convert('L') would clip them."""
-    arr = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        arr = arr * 255.0 if arr.max(initial=0.0) <= 1.0 else arr
-    elif arr.max(initial=0.0) > 255:  # 16-bit data (PIL opens 16-bit PNGs as mode I or I;16)
-        arr = arr / 257.0
-    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
-
-
-def _decode(path: Path, channels: int) -> Image.Image:
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)  # phone photos: honour the orientation tag
-        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-            img = _to_8bit(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            # Transparent areas become white (a page), not whatever colour hides under alpha 0.
-            rgba = img.convert("RGBA")
-            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img.alpha_composite(rgba)
-        img = img.convert("L" if channels == 1 else "RGB")
-        img.load()  # decode fully now, inside the error handling
-        return img
-
-
-def load_image(path: str | os.PathLike, channels: int) -> tv_tensors.Image:
-    """Decode an image file into a uint8 `channels` x H x W `tv_tensors.Image`.
-
-    Raises UserError("<path>: cannot read image: <reason>") for a missing or corrupt file.
-    """
-    path = Path(path)
-    try:
-        img = _decode(path, channels)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        reason = str(e) or type(e).__name__
-        raise UserError(f"{path}: cannot read image: {reason}") from None
-    return tv_tensors.Image(TF.pil_to_tensor(img))
 
 
 def read_image_for_predict(path: str | os.PathLike, cfg: Any) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""Image decoding shared by the task families: any PIL-readable file to a uint8 tv_tensors.Image,
+with 16-bit scans scaled (not clipped), EXIF orientation applied and transparency on white.
+A file that cannot be read raises `UserError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from podium.errors import UserError
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and float images (scans, TIFFs) to 8-bit grey; PIL's convert('L') would clip them."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        arr = arr * 255.0 if arr.max(initial=0.0) <= 1.0 else arr
+    elif arr.max(initial=0.0) > 255:  # 16-bit data (PIL opens 16-bit PNGs as mode I or I;16)
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def _decode(path: Path, channels: int) -> Image.Image:
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)  # phone photos: honour the orientation tag
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            img = _to_8bit(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent areas become white (a page), not whatever colour hides under alpha 0.
+            rgba = img.convert("RGBA")
+            img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img.alpha_composite(rgba)
+        img = img.convert("L" if channels == 1 else "RGB")
+        img.load()  # decode fully now, inside the error handling
+        return img
+
+
+def load_image(path: str | os.PathLike, channels: int) -> tv_tensors.Image:
+    """Decode an image file into a uint8 `channels` x H x W `tv_tensors.Image`.
+
+    Raises UserError("<path>: cannot read image: <reason>") for a missing or corrupt file.
+    """
+    path = Path(path)
+    try:
+        img = _decode(path, channels)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        reason = str(e) or type(e).__name__
+        raise UserError(f"{path}: cannot read image: {reason}") from None
+    return tv_tensors.Image(TF.pil_to_tensor(img))
+
+
