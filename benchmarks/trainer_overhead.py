@@ -52,7 +52,8 @@ every parallel op, and whole segments run up to 10x slower in bursts (seen on th
 machines this was written on: per-round medians of 100 ms and 1,200 ms in one run), which
 no statistic over 3-5 rounds survives. One thread is steady to 1-2% there. The price: a
 slower step (1.75x here) dilutes a fixed per-step overhead by as much, so check a ratio near
-the goal again with `--threads 0` on a quiet machine.
+the goal again with `--threads 0` on a quiet machine. (Trainer.setup() lowers the threads
+where they would compete with loader workers; the plain loop then uses the same number.)
 
 How to read it
 --------------
@@ -97,11 +98,9 @@ LOADER_BATCH = 32
 
 
 def step_overrides(run_dir: Path, steps: int) -> list[str]:
-    # "++": these keys are in the trainer schema but not in conf/trainer/default.yaml, and
-    # compose() refuses a plain override of a key its YAML lacks.
-    return ["experiment=digits", "tracking=none", "++trainer.progress_bar=true",
-            "trainer.num_workers=0", "data.augment=[]", "++trainer.checkpoint_every_minutes=0",
-            f"run.dir={run_dir}", f"++trainer.max_steps={steps}", "trainer.accelerator=cpu"]
+    return ["experiment=digits", "tracking=none", "trainer.progress_bar=true",
+            "trainer.num_workers=0", "data.augment=[]", "trainer.checkpoint_every_minutes=0",
+            f"run.dir={run_dir}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu"]
 
 
 def step_times(stamps: list[tuple[float, int]], warmup: int) -> list[float]:
@@ -139,9 +138,12 @@ def bench_step_time(steps: int, rounds: int, warmup: int, threads: int, workdir:
 
     console = Console(stderr=True)  # what `podium train` uses: progress bar and logs on stderr
     fabric = None
+    # Trainer.setup() may lower torch's threads (it leaves the loader workers' cores free);
+    # the plain loop then runs with the same number.
+    used_threads = threads
 
     def run_trainer(r: int) -> tuple[list[float], float]:
-        nonlocal fabric
+        nonlocal fabric, used_threads
         run_dir = workdir / f"trainer-{r}"
         run_dir.mkdir(parents=True)
         cfg = compose(step_overrides(run_dir, steps))
@@ -152,6 +154,7 @@ def bench_step_time(steps: int, rounds: int, warmup: int, threads: int, workdir:
         task = TimedClassificationTask(cfg)
         trainer = Trainer(cfg, task, run_dir, fabric, console=console)
         trainer.setup()
+        used_threads = torch.get_num_threads()
         trainer.fit()
         if trainer.state.step != steps or len(task.stamps) != steps:
             raise RuntimeError(f"the Trainer ran {trainer.state.step} steps, expected {steps}")
@@ -160,7 +163,7 @@ def bench_step_time(steps: int, rounds: int, warmup: int, threads: int, workdir:
     def run_plain(r: int) -> list[float]:
         run_dir = workdir / f"plain-{r}"
         cfg = compose(step_overrides(run_dir, steps))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(used_threads)
         tc, oc = cfg.trainer, cfg.optim
         repro.seed_everything(cfg.seed, tc.deterministic)  # as Trainer.setup, before the model
         task = ClassificationTask(cfg)

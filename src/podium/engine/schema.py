@@ -33,7 +33,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | fsdp (Lightning Fabric strategy names)
     precision: str = "auto"  # auto (bf16/fp16 mixed on GPU, 32 on CPU) | 32-true | bf16-mixed | 16-mixed
     max_epochs: int = 10
-    max_steps: int = 0  # > 0: train by optimizer steps (epochs then only cycle the data)
+    max_steps: int = 0  # > 0: train by optimizer steps (max_epochs is ignored; validation stays per epoch unless val_every_n_steps is set)
     val_every_n_epochs: int = 1
     val_every_n_steps: int = 0  # > 0: validate every N optimizer steps instead of per epoch
     accumulate_grad_batches: int = 1

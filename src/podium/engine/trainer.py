@@ -359,6 +359,7 @@ class Trainer:
                         if self._periodic_checkpoint_due(last_ckpt_time):
                             self.save("last.pt", rng_at_boundary)
                             last_ckpt_time = time.monotonic()
+                            t_prev = time.perf_counter()  # a save is not data wait
                         done_steps = tc.max_steps > 0 and st.step >= tc.max_steps
                         if tc.val_every_n_steps > 0 and (st.step % tc.val_every_n_steps == 0 or done_steps):
                             stop = self.validate(self._train_metrics(sums, extra_logs), rng_at_boundary)
