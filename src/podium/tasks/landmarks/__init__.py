@@ -11,3 +11,5 @@ Conventions shared by every module of this family:
   pixels, visible (K,) bool, index () int64, letterbox (5,) float64 [scale, pad_x, pad_y,
   orig_w, orig_h], spacing (2,) float64 mm per pixel (x, y).
 """
+
+from podium.tasks.landmarks import data, losses, metrics, models, synthetic, task  # noqa: F401,E402

@@ -37,9 +37,10 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from podium.common.augment import plain
 from podium.common.images import load_image
@@ -222,7 +224,7 @@ def _read_table_csv(path: Path, spacing: tuple[float, float], images_dir: Option
             if not cell:
                 raise UserError(f"{where}: empty image_path.")
             points = np.array(
-                [[_number(row[a], where, f"{header[a]}"), _number(row[b], where, f"{header[b]}")] for a, b in pairs],
+                [[_number(row[a], where, f"column {header[a]!r}"), _number(row[b], where, f"column {header[b]!r}")] for a, b in pairs],
                 dtype=np.float64,
             )
             sp = spacing
@@ -416,13 +418,62 @@ def check_augment(a: LandmarkAugmentConfig, where: str = "data.augment") -> None
             raise UserError(f"{where}.{key} must be {limit}, got {getattr(a, key)!r}.")
 
 
+def affine_matrix(
+    angle: float, translate: Sequence[float], scale: float, shear: Sequence[float], canvas_size: Sequence[int]
+) -> np.ndarray:
+    """The 3 x 3 matrix `apply_affine` applies to (x, y, 1) points, pixel-centre convention.
+
+    torchvision's convention (`v2.functional.affine`): rotate by `angle` degrees, shear and
+    scale about the image centre, then translate by `translate` pixels; in pixel-centre
+    coordinates the centre is ((W - 1) / 2, (H - 1) / 2).
+    """
+    h, w = int(canvas_size[0]), int(canvas_size[1])
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    rot, sx, sy = math.radians(angle), math.radians(shear[0]), math.radians(shear[1])
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -math.cos(rot - sy) * math.tan(sx) / math.cos(sy) - math.sin(rot)
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = -math.sin(rot - sy) * math.tan(sx) / math.cos(sy) + math.cos(rot)
+    rss = np.array([[a, b], [c, d]], dtype=np.float64) * float(scale)
+    m = np.eye(3)
+    m[:2, :2] = rss
+    m[:2, 2] = np.array([cx + translate[0], cy + translate[1]]) - rss @ np.array([cx, cy])
+    return m
+
+
+def apply_affine(
+    image: torch.Tensor,
+    points: torch.Tensor,
+    angle: float,
+    translate: Sequence[float],
+    scale: float,
+    shear: Sequence[float] = (0.0, 0.0),
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+    fill: float = 0,
+) -> tuple[tv_tensors.Image, torch.Tensor]:
+    """Apply one affine to a (C, H, W) image and its (K, 2) points (float64 out) with
+    `v2.functional.affine`, the points as `tv_tensors.KeyPoints`.
+
+    torchvision's KeyPoints kernel rotates and scales about (W/2, H/2) in the corner-based
+    convention its image kernels use (pixel i spans [i, i+1]); our points have pixel centres at
+    integers, so they are shifted by +0.5 into that convention and back afterwards. Without the
+    shift a 10 degree / 1.1x affine would move points ~0.15 px off the image content.
+    """
+    h, w = image.shape[-2:]
+    image = image if isinstance(image, tv_tensors.Image) else tv_tensors.Image(image)
+    kp = tv_tensors.KeyPoints(points.to(torch.float64) + 0.5, canvas_size=(h, w))
+    kwargs = dict(angle=float(angle), translate=[float(t) for t in translate], scale=float(scale), shear=[float(v) for v in shear])
+    image = TF.affine(image, **kwargs, interpolation=interpolation, fill=fill)
+    kp = TF.affine(kp, **kwargs)
+    return image, kp.as_subclass(torch.Tensor) - 0.5
+
+
 class LandmarkAugment:
     """(uint8 image, (K, 2) points) -> (float32 image in [0, 1], moved points).
 
-    torchvision's KeyPoints kernels rotate and scale about (W/2, H/2) in the corner-based
-    convention the image kernels use (pixel i spans [i, i+1]); our points have pixel centres at
-    integers, so they are shifted by +0.5 into that convention and back afterwards. Without the
-    shift a 10 degree / 1.1x affine moves points ~0.15 px off the image content.
+    Random affine (parameters drawn by `v2.RandomAffine.make_params`, applied by
+    `apply_affine`), brightness/contrast jitter, then Gaussian noise on the float image. Uses the
+    global torch RNG (seeded per DataLoader worker by the engine).
     """
 
     def __init__(self, cfg: LandmarkAugmentConfig):
@@ -435,8 +486,6 @@ class LandmarkAugment:
                 degrees=float(cfg.rotation_deg),
                 translate=(float(cfg.translate), float(cfg.translate)) if cfg.translate > 0 else None,
                 scale=(lo, hi),
-                interpolation=v2.InterpolationMode.BILINEAR,
-                fill=0,
             )
         self.jitter = (
             v2.ColorJitter(brightness=float(cfg.brightness), contrast=float(cfg.contrast))
@@ -447,13 +496,11 @@ class LandmarkAugment:
         self.to_float = v2.ToDtype(torch.float32, scale=True)
 
     def move(self, image: tv_tensors.Image, points: torch.Tensor) -> tuple[tv_tensors.Image, torch.Tensor]:
-        """The geometric part only (image of any dtype)."""
+        """The geometric part only."""
         if self.affine is None:
             return image, points
-        h, w = image.shape[-2:]
-        kp = tv_tensors.KeyPoints(points.to(torch.float64) + 0.5, canvas_size=(h, w))
-        image, kp = self.affine(image, kp)
-        return image, kp.as_subclass(torch.Tensor) - 0.5
+        params = self.affine.make_params([image])
+        return apply_affine(image, points, params["angle"], params["translate"], params["scale"], params["shear"])
 
     def __call__(self, image: tv_tensors.Image, points: torch.Tensor) -> tuple[tv_tensors.Image, torch.Tensor]:
         image, points = self.move(image, points)
@@ -507,6 +554,24 @@ def load_letterboxed(
     if t.shape != (channels, out_h, out_w) or t.dtype != torch.uint8:
         raise RuntimeError(f"preprocess cache returned {t.dtype} {tuple(t.shape)} for {path}")
     return t, lb
+
+
+def prepare_image(path: str | Path, cfg: Any) -> tuple[torch.Tensor, Letterbox]:
+    """A raw file through exactly the eval pipeline of the datasets built from `cfg` (a data
+    config of any landmark dataset: image_size, channels, mean, std are read, the rest ignored):
+    float32 normalised (C, H, W) tensor and its Letterbox (map predictions back with
+    `letterbox.inverse` or `points_to_original`). No cache: predictions run on new files."""
+    common = {f.name for f in fields(LandmarkDataConfig)} - {"name", "augment", "cache_dir"}
+    if isinstance(cfg, Mapping) or hasattr(cfg, "keys"):
+        values = {k: plain(cfg[k]) for k in common if k in cfg}
+    else:
+        values = {k: plain(getattr(cfg, k)) for k in common if hasattr(cfg, k)}
+    c = LandmarkDataConfig(**values)
+    check_common(c)
+    raw, lb = load_letterboxed(path, c.image_size, c.channels)
+    image = v2.ToDtype(torch.float32, scale=True)(tv_tensors.Image(raw))
+    mean, std = _norm_stats(c.mean, c.channels, "mean"), _norm_stats(c.std, c.channels, "std")
+    return v2.Normalize(mean, std)(image).as_subclass(torch.Tensor), lb
 
 
 def _norm_stats(values: Sequence[float] | float, channels: int, key: str) -> list[float]:

@@ -41,7 +41,7 @@ from PIL import Image
 Points = TypeVar("Points", np.ndarray, torch.Tensor)
 ArrayOrTensor = Union[np.ndarray, torch.Tensor]
 
-__all__ = ["Letterbox", "letterbox", "points_to_original", "points_to_input"]
+__all__ = ["Letterbox", "letterbox", "points_to_input", "points_to_original"]
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,10 @@ def letterbox(image: np.ndarray, out_h: int, out_w: int) -> tuple[np.ndarray, Le
     # most the image (floor above), clipped against float rounding on the limiting axis.
     box = (0.0, 0.0, min(float(orig_w), new_w / lb.scale), min(float(orig_h), new_h / lb.scale))
     size = (new_w, new_h)
-    if image.ndim == 2:
+    if image.ndim == 2 or image.shape[2] == 3:  # PIL modes L and RGB
         resized = _resize_plane(image, size, box)
-    elif image.shape[2] == 3:
-        resized = _resize_plane(image, size, box)
-    else:  # any other channel count: plane by plane (PIL has no generic n-channel uint8 mode)
+    else:  # any other channel count: plane by plane (PIL has no generic n-channel uint8 mode,
+        # and would premultiply a 4th channel as alpha)
         resized = np.stack([_resize_plane(image[..., c], size, box) for c in range(image.shape[2])], axis=-1)
     out = np.zeros((out_h, out_w) + image.shape[2:], dtype=np.uint8)
     out[:new_h, :new_w] = resized

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 # --------------------------------------------------------------------------------------------
 # Rendering and learnable sigma
 # --------------------------------------------------------------------------------------------
@@ -182,11 +181,11 @@ def decode_local_soft_argmax(heatmaps: Tensor, window: int = 5, logits: bool = T
 # --------------------------------------------------------------------------------------------
 
 
-def points_to_heatmap(points: Tensor, stride: int | float) -> Tensor:
+def points_to_heatmap(points: Tensor, stride: float) -> Tensor:
     """Input-pixel (x, y) -> heatmap-pixel (x, y) for a heatmap `stride` times smaller."""
     return (points + 0.5) / stride - 0.5
 
 
-def heatmap_to_points(points: Tensor, stride: int | float) -> Tensor:
+def heatmap_to_points(points: Tensor, stride: float) -> Tensor:
     """Heatmap-pixel (x, y) -> input-pixel (x, y); the inverse of `points_to_heatmap`."""
     return (points + 0.5) * stride - 0.5

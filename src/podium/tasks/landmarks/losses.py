@@ -190,7 +190,7 @@ class AdaptiveWingLoss(nn.Module):
                  alpha: float = 2.1, weight: float = 10.0, sigma_weight: float = 0.0):
         super().__init__()
         self.num_landmarks = num_landmarks
-        for key, value in dict(omega=omega, theta=theta, epsilon=epsilon, alpha=alpha).items():
+        for key, value in {"omega": omega, "theta": theta, "epsilon": epsilon, "alpha": alpha}.items():
             if not float(value) > 0:
                 raise UserError(f"loss 'adaptive_wing': {key} must be > 0, got {value}.")
         self.omega, self.theta, self.epsilon, self.alpha = map(float, (omega, theta, epsilon, alpha))
@@ -209,7 +209,7 @@ class AdaptiveWingLoss(nn.Module):
 
     def forward(self, logits: Tensor, points: Tensor, visible: Tensor, sigma: float | Tensor = 2.0) -> Tensor:
         _check(logits, points, visible, self.num_landmarks)
-        b, k, h, w = logits.shape
+        h, w = logits.shape[-2:]
         target = render_gaussian(_safe_points(points, visible, h, w), h, w, sigma)
         mask = F.max_pool2d(target.detach(), kernel_size=3, stride=1, padding=1) >= 0.2
         weighted = self.loss_map(torch.sigmoid(logits.float()), target) * (self.weight * mask + 1)
@@ -223,6 +223,9 @@ class HeatmapMSE(nn.Module):
     Per landmark the mean over pixels; the result is the mean over visible landmarks.
     """
 
+    # The output is the heat itself, not logits: decoders weight by heat, not by softmax.
+    decodes_logits = False
+
     def __init__(self, num_landmarks: int, peak: float = 1.0, sigma_weight: float = 0.0):
         super().__init__()
         self.num_landmarks = num_landmarks
@@ -233,7 +236,7 @@ class HeatmapMSE(nn.Module):
 
     def forward(self, logits: Tensor, points: Tensor, visible: Tensor, sigma: float | Tensor = 2.0) -> Tensor:
         _check(logits, points, visible, self.num_landmarks)
-        b, k, h, w = logits.shape
+        h, w = logits.shape[-2:]
         target = self.peak * render_gaussian(_safe_points(points, visible, h, w), h, w, sigma)
         per_landmark = (logits.float() - target).square().mean(dim=(2, 3))
         return _sigma_penalty(_mean_over_visible(per_landmark, visible), sigma, self.sigma_weight)

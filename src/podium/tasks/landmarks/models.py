@@ -37,7 +37,6 @@ from podium.engine.registry import register
 from podium.errors import UserError
 from podium.tasks.landmarks.heatmaps import LearnableSigma
 
-
 # --------------------------------------------------------------------------------------------
 # Config schemas
 # --------------------------------------------------------------------------------------------
@@ -84,7 +83,7 @@ class PatchRefinerConfig:
 def _check_timm_name(key: str, name: str) -> str:
     import timm
 
-    name = name[3:] if name.startswith("tu-") else name
+    name = name.removeprefix("tu-")
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise UserError(f"model.{key}={name!r} is not a timm model. Close names: "
@@ -211,7 +210,7 @@ class HeatmapUNet(nn.Module):
     """x (B, C, H, W) -> {"heatmaps": (B, K, H / s, W / s) logits[, "sigma": (K,)]}."""
 
     def __init__(self, in_chans: int, num_landmarks: int, encoder: str = "resnet18",
-                 encoder_weights: Optional[str] = None, decoder_channels=(256, 128, 64, 32, 16),
+                 encoder_weights: str | None = None, decoder_channels=(256, 128, 64, 32, 16),
                  encoder_depth: int = 5, output_stride: int = 1, learnable_sigma: bool = False,
                  init_sigma: float = 2.0):
         super().__init__()
@@ -336,7 +335,7 @@ class PatchRefiner(nn.Module):
         for net in self.nets:
             net.set_grad_checkpointing(enable)
 
-    def forward(self, patches: Tensor, landmark_index: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def forward(self, patches: Tensor, landmark_index: Tensor | None = None) -> dict[str, Tensor]:
         n, _, p, q = patches.shape
         k = self.num_landmarks
         if landmark_index is None:

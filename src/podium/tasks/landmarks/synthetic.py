@@ -45,7 +45,7 @@ from podium.tasks.landmarks.data import (
     read_landmark_table,
 )
 
-__all__ = ["write_synthetic_landmarks", "canonical_layout", "SyntheticLandmarksConfig", "synthetic_landmarks"]
+__all__ = ["SyntheticLandmarksConfig", "canonical_layout", "synthetic_landmarks", "write_synthetic_landmarks"]
 
 GENERATOR_VERSION = 1
 

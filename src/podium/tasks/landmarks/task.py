@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from podium.engine import registry
 from podium.engine.registry import register
@@ -37,7 +36,7 @@ class LandmarkTaskConfig:
     name: str = "landmarks"
     sigma: float = 2.0  # heatmap Gaussian sigma in heatmap pixels (when the model's sigma is fixed)
     decode: str = "local_soft_argmax"  # local_soft_argmax | argmax
-    decode_window: int = 5
+    decode_window: int = 11  # ~6 sigma + 1: a smaller window biases the estimate toward the argmax pixel
     tta_shifts: list[int] = field(default_factory=list)  # e.g. [-2, 2]: shift TTA in input pixels
     overlays: int = 4  # overlay plots per split
 
@@ -75,11 +74,6 @@ class LandmarkTask(Task):
                                       num_landmarks=datasets["train"].num_landmarks)
 
     # ---- shared forward: input-pixel predictions from any model
-    def _sigma(self, model):
-        module = getattr(model, "module", model)
-        sigma = getattr(module, "sigma", None)
-        return sigma() if callable(sigma) else self.cfg.task.sigma
-
     def _stride(self, model) -> int:
         return int(getattr(getattr(model, "module", model), "output_stride", 1))
 
@@ -97,7 +91,10 @@ class LandmarkTask(Task):
                 if self.cfg.task.decode == "argmax":
                     points = hm.decode_argmax(logits)
                 else:
-                    points = hm.decode_local_soft_argmax(logits, window=self.cfg.task.decode_window)
+                    # heatmap_mse regresses the heat itself (not logits): weight by heat, not softmax
+                    as_logits = getattr(self.loss_fn, "decodes_logits", True)
+                    points = hm.decode_local_soft_argmax(logits, window=self.cfg.task.decode_window,
+                                                         logits=as_logits)
                 points = hm.heatmap_to_points(points, self._stride(model))
             preds.append(points - s)  # undo the shift before averaging
         return torch.stack(preds).mean(0)
@@ -109,7 +106,7 @@ class LandmarkTask(Task):
             loss = self.loss_fn(out["points"], batch["points"], batch["visible"])
             return {"loss": loss}
         target = hm.points_to_heatmap(batch["points"], self._stride(model))
-        sigma = self._sigma(model)
+        sigma = out["sigma"] if "sigma" in out else self.cfg.task.sigma
         loss = self.loss_fn(out["heatmaps"], target, batch["visible"], sigma)
         logs = {"loss": loss}
         if torch.is_tensor(sigma):
