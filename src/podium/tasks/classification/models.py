@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from podium.engine.registry import register
+from podium.common.weights import load_state_dict_file
 from podium.errors import UserError
 
 
@@ -84,20 +85,6 @@ class SmallCNN(nn.Module):
 @register("model", "small_cnn", schema=SmallCNNConfig, help="Small CNN for small images (CPU demos).")
 def small_cnn(cfg, *, num_classes: int, in_chans: int) -> nn.Module:
     return SmallCNN(in_chans, num_classes, cfg.width, cfg.blocks, cfg.drop_rate, cfg.norm)
-
-
-def load_state_dict_file(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"model.weights={path}: file does not exist.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # podium checkpoints and common trainer formats
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
 
 
 @register("model", "timm", schema=TimmConfig, help="Any timm model: model.arch=NAME (timm.list_models).")

@@ -12,4 +12,4 @@ Conventions shared by every module of this family:
   orig_w, orig_h], spacing (2,) float64 mm per pixel (x, y).
 """
 
-from podium.tasks.landmarks import data, losses, metrics, models, synthetic, task  # noqa: F401,E402
+from podium.tasks.landmarks import data, losses, metrics, models, refine, synthetic, task  # noqa: F401,E402

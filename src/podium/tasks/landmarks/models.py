@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from podium.engine.registry import register
+from podium.common.weights import load_state_dict_file
 from podium.errors import UserError
 from podium.tasks.landmarks.heatmaps import LearnableSigma
 
@@ -92,8 +93,6 @@ def _check_timm_name(key: str, name: str) -> str:
 
 
 def _load_file(key: str, path: str) -> dict:
-    from podium.tasks.classification.models import load_state_dict_file
-
     if not Path(path).is_file():
         raise UserError(f"model.{key}={path}: file does not exist.")
     return load_state_dict_file(Path(path))

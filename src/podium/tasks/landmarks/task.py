@@ -29,6 +29,7 @@ from podium.tasks.base import StepContext, Task
 from podium.tasks.landmarks import heatmaps as hm
 from podium.tasks.landmarks import metrics as lm_metrics
 from podium.tasks.landmarks.geometry import points_to_original
+from podium.tasks.landmarks.refine import CoarseToFine
 
 
 @dataclass
@@ -39,6 +40,7 @@ class LandmarkTaskConfig:
     decode_window: int = 11  # ~6 sigma + 1: a smaller window biases the estimate toward the argmax pixel
     tta_shifts: list[int] = field(default_factory=list)  # e.g. [-2, 2]: shift TTA in input pixels
     overlays: int = 4  # overlay plots per split
+    refine_loss_weight: float = 1.0  # coarse_to_fine models: weight of the patch refiner's loss
 
 
 @register("task", "landmarks", schema=LandmarkTaskConfig,
@@ -72,6 +74,8 @@ class LandmarkTask(Task):
     def build_loss(self, datasets):
         self.loss_fn = registry.build("loss", self.cfg.loss.name, self.cfg.loss,
                                       num_landmarks=datasets["train"].num_landmarks)
+        # coarse-to-fine: the same loss on single-landmark patches
+        self.patch_loss_fn = registry.build("loss", self.cfg.loss.name, self.cfg.loss, num_landmarks=1)
 
     # ---- shared forward: input-pixel predictions from any model
     def _stride(self, model) -> int:
@@ -101,14 +105,20 @@ class LandmarkTask(Task):
 
     # ---- training
     def training_step(self, model, batch, ctx: StepContext):
-        out = model(batch["image"])
+        two_stage = isinstance(getattr(model, "module", model), CoarseToFine)
+        out = model(batch["image"], batch["points"], batch["visible"]) if two_stage else model(batch["image"])
         if "points" in out:
-            loss = self.loss_fn(out["points"], batch["points"], batch["visible"])
-            return {"loss": loss}
-        target = hm.points_to_heatmap(batch["points"], self._stride(model))
+            return {"loss": self.loss_fn(out["points"], batch["points"], batch["visible"])}
         sigma = out["sigma"] if "sigma" in out else self.cfg.task.sigma
+        stride = out.get("heatmap_stride", self._stride(model))
+        target = hm.points_to_heatmap(batch["points"], stride)
         loss = self.loss_fn(out["heatmaps"], target, batch["visible"], sigma)
         logs = {"loss": loss}
+        if "patch_heatmaps" in out:  # coarse-to-fine: the refiner's loss on its patches
+            refine = self.patch_loss_fn(out["patch_heatmaps"], out["patch_points"], out["patch_visible"],
+                                        self.cfg.task.sigma)
+            logs = {"loss": loss + self.cfg.task.refine_loss_weight * refine,
+                    "coarse_loss": loss.detach(), "refine_loss": refine.detach()}
         if torch.is_tensor(sigma):
             logs["sigma_mean"] = sigma.detach().mean()
         return logs

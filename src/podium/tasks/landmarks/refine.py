@@ -1,0 +1,116 @@
+"""Coarse-to-fine landmark detection: a heatmap U-Net on a downsampled copy of the input finds
+every landmark roughly; a small patch network refines each estimate on a crop of the
+full-resolution input around it.
+
+A whole 1935 x 2400 cephalogram does not fit a small GPU (nor a CPU budget), while 0.1 mm pixels
+are what the last millimetre needs: the two stages share the work (the approach of the
+cascaded / two-stage entries of the ISBI 2015 challenge and of Payer et al.'s spatial
+configuration net followed by local refinement).
+
+    podium train experiment=isbi2015_quick model=coarse_to_fine data.image_size=[1024,832]
+
+Training: the first stage learns from the downsampled image; the refiner learns from crops
+centred on the ground truth plus a random jitter (the first stage's estimates are useless early
+on, and the jitter teaches the refiner to look anywhere in its patch). Inference: crops centred
+on the first stage's decoded estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from podium.engine.registry import register
+from podium.errors import UserError
+from podium.tasks.landmarks import heatmaps as hm
+from podium.tasks.landmarks.models import (
+    HeatmapUNetConfig, PatchRefinerConfig, crop_patches, heatmap_unet, patch_refiner,
+)
+
+
+@dataclass
+class CoarseToFineConfig:
+    name: str = "coarse_to_fine"
+    coarse_factor: int = 4  # the first stage sees the input downsampled by this factor
+    stage1: HeatmapUNetConfig = field(default_factory=HeatmapUNetConfig)
+    refiner: PatchRefinerConfig = field(default_factory=PatchRefinerConfig)
+    train_jitter: float = 12.0  # input pixels: training crops are centred on the truth +- this
+    train_landmarks_per_image: int = 6  # patches per image in training (0: every landmark)
+    decode_window: int = 11
+
+
+class CoarseToFine(nn.Module):
+    """forward(x) -> {"points": (B, K, 2) input pixels, "coarse_points": ...};
+    forward(x, points, visible) (training) -> first-stage heatmaps and patch heatmaps with their
+    targets, for the task's loss."""
+
+    output_stride = 1
+    sigma = None
+
+    def __init__(self, stage1: nn.Module, refiner: nn.Module, num_landmarks: int, cfg: CoarseToFineConfig):
+        super().__init__()
+        self.stage1, self.refiner = stage1, refiner
+        self.num_landmarks = num_landmarks
+        self.factor, self.patch_size = cfg.coarse_factor, cfg.refiner.patch_size
+        self.jitter, self.per_image, self.window = cfg.train_jitter, cfg.train_landmarks_per_image, cfg.decode_window
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.stage1.set_grad_checkpointing(enable)
+        self.refiner.set_grad_checkpointing(enable)
+
+    @property
+    def coarse_stride(self) -> int:
+        return self.factor * self.stage1.output_stride
+
+    def _coarse(self, x: Tensor) -> Tensor:
+        if self.factor == 1:
+            return self.stage1(x)["heatmaps"]
+        small = F.interpolate(x, scale_factor=1 / self.factor, mode="bilinear", antialias=True,
+                              align_corners=False, recompute_scale_factor=False)
+        return self.stage1(small)["heatmaps"]
+
+    def _refine(self, x: Tensor, centres: Tensor, landmark_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        patches, offsets = crop_patches(x, centres, self.patch_size)
+        return self.refiner(patches, landmark_index)["heatmaps"], offsets
+
+    def forward(self, x: Tensor, points: Tensor | None = None, visible: Tensor | None = None) -> dict:
+        coarse = self._coarse(x)
+        if points is None:
+            return self._infer(x, coarse)
+        b, k, _ = points.shape
+        # choose the landmarks to refine in this step, and jitter their crop centres
+        if 0 < self.per_image < k:
+            chosen = torch.stack([torch.randperm(k, device=x.device)[: self.per_image] for _ in range(b)])
+        else:
+            chosen = torch.arange(k, device=x.device).expand(b, k)
+        truth = torch.gather(points, 1, chosen[..., None].expand(-1, -1, 2))
+        seen = torch.gather(visible, 1, chosen)
+        centres = truth + (torch.rand_like(truth) * 2 - 1) * self.jitter
+        patch_heat, offsets = self._refine(x, centres, chosen.reshape(-1))
+        return {"heatmaps": coarse, "heatmap_stride": self.coarse_stride,
+                "patch_heatmaps": patch_heat, "patch_points": (truth - offsets).reshape(-1, 1, 2),
+                "patch_visible": seen.reshape(-1, 1)}
+
+    def _infer(self, x: Tensor, coarse: Tensor) -> dict:
+        b, k = coarse.shape[:2]
+        rough = hm.heatmap_to_points(hm.decode_local_soft_argmax(coarse.float(), window=self.window),
+                                     self.coarse_stride)
+        patch_heat, offsets = self._refine(x, rough)
+        fine = hm.decode_local_soft_argmax(patch_heat.float(), window=self.window).reshape(b, k, 2)
+        return {"points": fine + offsets, "coarse_points": rough, "heatmaps": coarse}
+
+
+@register("model", "coarse_to_fine", schema=CoarseToFineConfig,
+          help="Two-stage landmarks: coarse heatmap U-Net + full-resolution patch refiner.")
+def coarse_to_fine(cfg, *, num_landmarks: int, in_chans: int) -> nn.Module:
+    if cfg.coarse_factor < 1:
+        raise UserError(f"model.coarse_factor must be >= 1, got {cfg.coarse_factor}.")
+    if cfg.refiner.patch_size % 2 ** cfg.refiner.encoder_depth:
+        raise UserError(f"model.refiner.patch_size={cfg.refiner.patch_size} must be divisible by "
+                        f"2**model.refiner.encoder_depth = {2 ** cfg.refiner.encoder_depth}.")
+    stage1 = heatmap_unet(cfg.stage1, num_landmarks=num_landmarks, in_chans=in_chans)
+    refiner = patch_refiner(cfg.refiner, num_landmarks=num_landmarks, in_chans=in_chans)
+    return CoarseToFine(stage1, refiner, num_landmarks, cfg)

@@ -1,0 +1,72 @@
+"""The coarse-to-fine model: shapes in training and inference, the patch targets line up with
+the truth, and a refiner that finds its patch centre returns the crop centres exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from podium.engine import registry
+from podium.errors import UserError
+from podium.tasks.landmarks.refine import CoarseToFineConfig
+
+
+def tiny_cfg(**kw):
+    cfg = OmegaConf.structured(CoarseToFineConfig())
+    cfg.stage1.encoder = "resnet10t"
+    cfg.refiner.patch_size = 16
+    cfg.coarse_factor = 2
+    for key, value in kw.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def build(**kw):
+    torch.manual_seed(0)
+    return registry.build("model", "coarse_to_fine", tiny_cfg(**kw), num_landmarks=3, in_chans=1)
+
+
+def test_training_outputs_carry_patch_targets():
+    model = build(train_landmarks_per_image=2, train_jitter=3.0)
+    x = torch.randn(2, 1, 64, 64)
+    points = torch.tensor([[[10.0, 12.0], [30.0, 40.0], [50.0, 20.0]]] * 2)
+    visible = torch.ones(2, 3, dtype=torch.bool)
+    out = model(x, points, visible)
+    assert out["heatmaps"].shape == (2, 3, 32, 32) and out["heatmap_stride"] == 2
+    assert out["patch_heatmaps"].shape == (4, 1, 16, 16)
+    assert out["patch_points"].shape == (4, 1, 2) and out["patch_visible"].shape == (4, 1)
+    # the jitter keeps the truth inside its patch
+    assert ((out["patch_points"] >= 0) & (out["patch_points"] <= 15)).all()
+    sum(v.float().sum() for k, v in out.items() if k.endswith("heatmaps")).backward()
+
+
+def test_inference_maps_patch_peaks_back_to_input_pixels(monkeypatch):
+    model = build().eval()
+    x = torch.randn(1, 1, 64, 64)
+
+    def peak_at_patch_centre(patches, landmark_index=None):
+        heat = torch.full((patches.shape[0], 1, 16, 16), -30.0)
+        heat[:, :, 8, 8] = 30.0
+        return {"heatmaps": heat}
+
+    monkeypatch.setattr(model.refiner, "forward", peak_at_patch_centre)
+    with torch.no_grad():
+        out = model(x)
+    assert out["points"].shape == (1, 3, 2)
+    # a refiner that answers "the centre" returns the rounded coarse estimates
+    torch.testing.assert_close(out["points"], torch.floor(out["coarse_points"] + 0.5), atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_switch_reaches_both_stages():
+    model = build()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 1, 64, 64, requires_grad=True)  # 2 images: BatchNorm needs more than one value
+    out = model(x, torch.full((2, 3, 2), 20.0), torch.ones(2, 3, dtype=torch.bool))
+    out["heatmaps"].sum().backward()
+    assert x.grad is not None
+
+
+def test_patch_size_must_fit_the_refiner_depth():
+    with pytest.raises(UserError, match="patch_size"):
+        build(**{"refiner.patch_size": 20})
