@@ -17,16 +17,11 @@ from podium.engine import registry
 from podium.errors import UserError
 from podium.tasks.landmarks import data, synthetic
 from podium.tasks.landmarks.cache import PreprocessCache
-from podium.tasks.landmarks.data import (
+from podium.tasks.landmarks.augment import LandmarkAugment, LandmarkAugmentConfig, affine_matrix, apply_affine
+from podium.tasks.landmarks.data import Isbi2015Config, LandmarkDataset, LandmarkTableConfig
+from podium.tasks.landmarks.readers import (
     ISBI2015_LANDMARKS,
-    Isbi2015Config,
-    LandmarkAugment,
-    LandmarkAugmentConfig,
-    LandmarkDataset,
     LandmarkRecord,
-    LandmarkTableConfig,
-    affine_matrix,
-    apply_affine,
     read_isbi_csv,
     read_isbi_original,
     read_landmark_table,

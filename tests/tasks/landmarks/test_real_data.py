@@ -8,11 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from podium.engine import registry
-from podium.tasks.landmarks.data import (
-    ISBI2015_LANDMARKS,
-    Isbi2015Config,
-    read_isbi_csv,
-)
+from podium.tasks.landmarks.data import Isbi2015Config
+from podium.tasks.landmarks.readers import ISBI2015_LANDMARKS, read_isbi_csv
 from podium.tasks.landmarks.geometry import points_to_original
 
 DATA = (Path(__file__).resolve().parents[3] / ".." / "shared" / "data").resolve()
