@@ -31,6 +31,7 @@ test: $(VENV)/.dev-installed
 bench: $(VENV)/.dev-installed
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/trainer_overhead.py --quick --json bench-out/trainer_overhead.json
+	$(BIN)/python benchmarks/landmarks_isbi.py --quick --json bench-out/landmarks_isbi.json
 
 clean:
 	rm -rf $(VENV) runs bench-out
