@@ -70,3 +70,26 @@ def test_gradient_checkpointing_switch_reaches_both_stages():
 def test_patch_size_must_fit_the_refiner_depth():
     with pytest.raises(UserError, match="patch_size"):
         build(**{"refiner.patch_size": 20})
+
+
+def test_shift_and_scale_tta_map_predictions_back():
+    """A model that finds a bright dot exactly: every TTA view, mapped back, agrees with it."""
+    from podium.tasks.landmarks.task import LandmarkTask
+
+    class DotFinder(torch.nn.Module):
+        def forward(self, x):  # intensity centroid of the image, as (1, 1, 2) points in its pixels
+            h, w = x.shape[-2:]
+            weights = x[:, 0].clamp(min=0)
+            ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+            total = weights.sum((1, 2))
+            return {"points": torch.stack([(weights * xs).sum((1, 2)) / total,
+                                           (weights * ys).sum((1, 2)) / total], -1)[:, None]}
+
+    cfg = OmegaConf.create({"task": {"decode": "local_soft_argmax", "decode_window": 11,
+                                     "tta_shifts": [-2, 3], "tta_scales": [0.5, 2.0]}})
+    task = LandmarkTask.__new__(LandmarkTask)
+    task.cfg = cfg
+    image = torch.zeros(1, 1, 32, 32)
+    image[0, 0, 10:14, 18:22] = 1.0  # centroid (19.5, 11.5)
+    points = task.predict_points(DotFinder(), image)
+    torch.testing.assert_close(points, torch.tensor([[[19.5, 11.5]]]), atol=0.05, rtol=0)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from podium.engine import registry
 from podium.engine.registry import register
@@ -39,6 +40,7 @@ class LandmarkTaskConfig:
     decode: str = "local_soft_argmax"  # local_soft_argmax | argmax
     decode_window: int = 11  # ~6 sigma + 1: a smaller window biases the estimate toward the argmax pixel
     tta_shifts: list[int] = field(default_factory=list)  # e.g. [-2, 2]: shift TTA in input pixels
+    tta_scales: list[float] = field(default_factory=list)  # e.g. [0.9, 1.1]: scale TTA
     overlays: int = 4  # overlay plots per split
     refine_loss_weight: float = 1.0  # coarse_to_fine models: weight of the patch refiner's loss
 
@@ -81,26 +83,33 @@ class LandmarkTask(Task):
     def _stride(self, model) -> int:
         return int(getattr(getattr(model, "module", model), "output_stride", 1))
 
+    def _points_once(self, model, images: torch.Tensor) -> torch.Tensor:
+        out = model(images)
+        if "points" in out:
+            return out["points"].float()
+        logits = out["heatmaps"].float()
+        if self.cfg.task.decode == "argmax":
+            points = hm.decode_argmax(logits)
+        else:
+            # heatmap_mse regresses the heat itself (not logits): weight by heat, not softmax
+            as_logits = getattr(self.loss_fn, "decodes_logits", True)
+            points = hm.decode_local_soft_argmax(logits, window=self.cfg.task.decode_window, logits=as_logits)
+        return hm.heatmap_to_points(points, self._stride(model))
+
     def predict_points(self, model, images: torch.Tensor) -> torch.Tensor:
-        """(B, K, 2) points in input pixels, with shift TTA when configured."""
-        shifts = [0] + [s for s in self.cfg.task.tta_shifts if s != 0]
-        preds = []
-        for s in shifts:
-            shifted = torch.roll(images, shifts=(s, s), dims=(2, 3)) if s else images
-            out = model(shifted)
-            if "points" in out:
-                points = out["points"].float()
-            else:
-                logits = out["heatmaps"].float()
-                if self.cfg.task.decode == "argmax":
-                    points = hm.decode_argmax(logits)
-                else:
-                    # heatmap_mse regresses the heat itself (not logits): weight by heat, not softmax
-                    as_logits = getattr(self.loss_fn, "decodes_logits", True)
-                    points = hm.decode_local_soft_argmax(logits, window=self.cfg.task.decode_window,
-                                                         logits=as_logits)
-                points = hm.heatmap_to_points(points, self._stride(model))
-            preds.append(points - s)  # undo the shift before averaging
+        """(B, K, 2) points in input pixels, averaged over the configured shift and scale TTA;
+        each prediction is mapped back to the untransformed input before averaging."""
+        preds = [self._points_once(model, images)]
+        for s in self.cfg.task.tta_shifts:
+            if s:
+                shifted = torch.roll(images, shifts=(s, s), dims=(2, 3))
+                preds.append(self._points_once(model, shifted) - s)
+        for scale in self.cfg.task.tta_scales:
+            if scale != 1.0:
+                resized = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False,
+                                        antialias=scale < 1, recompute_scale_factor=False)
+                # pixel-centre convention: x_scaled = (x + 0.5) * scale - 0.5
+                preds.append((self._points_once(model, resized) + 0.5) / scale - 0.5)
         return torch.stack(preds).mean(0)
 
     # ---- training
