@@ -357,7 +357,7 @@ class PatchRefiner(nn.Module):
 
 
 @register("model", "patch_refiner", schema=PatchRefinerConfig,
-          help="Coarse-to-fine second stage: small U-Net on patches around each estimate.")
+          help="Second stage of coarse_to_fine (takes patches, not images): use model=coarse_to_fine.")
 def patch_refiner(cfg, *, num_landmarks: int, in_chans: int) -> nn.Module:
     if cfg.patch_size % 2**cfg.encoder_depth:
         raise UserError(f"model.patch_size={cfg.patch_size} must be divisible by "
