@@ -40,6 +40,12 @@ class CoarseToFineConfig:
     train_jitter: float = 12.0  # input pixels: training crops are centred on the truth +- this
     train_landmarks_per_image: int = 6  # patches per image in training (0: every landmark)
     decode_window: int = 11
+    # Inference: the refiner's logits get a Gaussian log-prior centred on the first-stage estimate
+    # (input pixels; 0 disables). Without it the refiner sometimes jumps to a look-alike structure
+    # elsewhere in its patch: on the ISBI validation images (15, carved from training) MRE went
+    # 1.62 (first stage alone) -> 1.61 (refiner, no prior) -> 1.38 mm (refiner, prior sigma 8 px
+    # of the 1024 x 832 input); 6 px gave 1.38, 4 px 1.42, 16 px 1.46, 32 px 1.56.
+    prior_sigma: float = 8.0
 
 
 class CoarseToFine(nn.Module):
@@ -56,6 +62,7 @@ class CoarseToFine(nn.Module):
         self.num_landmarks = num_landmarks
         self.factor, self.patch_size = cfg.coarse_factor, cfg.refiner.patch_size
         self.jitter, self.per_image, self.window = cfg.train_jitter, cfg.train_landmarks_per_image, cfg.decode_window
+        self.prior_sigma = cfg.prior_sigma
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.stage1.set_grad_checkpointing(enable)
@@ -99,7 +106,14 @@ class CoarseToFine(nn.Module):
         rough = hm.heatmap_to_points(hm.decode_local_soft_argmax(coarse.float(), window=self.window),
                                      self.coarse_stride)
         patch_heat, offsets = self._refine(x, rough)
-        fine = hm.decode_local_soft_argmax(patch_heat.float(), window=self.window).reshape(b, k, 2)
+        logits = patch_heat.float()
+        if self.prior_sigma > 0:
+            centre = (rough - offsets).reshape(-1, 2)  # the first-stage estimate in patch pixels
+            size = logits.shape[-1]
+            grid = torch.arange(size, device=x.device, dtype=logits.dtype)
+            d2 = (grid[None, None, :] - centre[:, 0, None, None]) ** 2 + (grid[None, :, None] - centre[:, 1, None, None]) ** 2
+            logits = logits - (d2 / (2 * self.prior_sigma ** 2))[:, None]
+        fine = hm.decode_local_soft_argmax(logits, window=self.window).reshape(b, k, 2)
         return {"points": fine + offsets, "coarse_points": rough, "heatmaps": coarse}
 
 
