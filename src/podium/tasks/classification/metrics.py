@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
+from podium.common.plots import new_figure, save_figure
 from podium.engine.registry import register
 
 # Probability floor for the negative log-likelihood: a confident wrong prediction with p = 0
@@ -146,23 +147,6 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
 # --------------------------------------------------------------------------------------------
 
 
-def _new_figure(figsize: tuple[float, float]):
-    """A Figure bound to an Agg canvas, independent of pyplot and of the global backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
-
-
 def plot_confusion_matrix(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -183,7 +167,7 @@ def plot_confusion_matrix(
         cm = np.divide(cm, row_sums, out=np.zeros_like(cm), where=row_sums > 0)
 
     side = min(max(4.0, 0.45 * num_classes + 2.0), 30.0)
-    fig = _new_figure((side + 1.0, side))
+    fig = new_figure((side + 1.0, side))
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(cm, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -203,7 +187,7 @@ def plot_confusion_matrix(
                 text = f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
                 color = "white" if cm[i, j] > threshold else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _to_display(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -247,7 +231,7 @@ def plot_misclassified(
 
     wrong = np.flatnonzero(y_true != y_pred)[: max(0, int(max_images))]
     if len(wrong) == 0:
-        fig = _new_figure((4.0, 2.0))
+        fig = new_figure((4.0, 2.0))
         ax = fig.add_subplot(1, 1, 1)
         ax.axis("off")
         ax.text(
@@ -258,7 +242,7 @@ def plot_misclassified(
             va="center",
             fontsize=12,
         )
-        return _save(fig, path)
+        return save_figure(fig, path)
 
     # One mosaic image with text labels: one axes instead of one per image is ~10x faster to draw.
     tiles = [_to_display(images[index]) for index in wrong]
@@ -271,7 +255,7 @@ def plot_misclassified(
     for k, tile in enumerate(rgb):
         r, c = divmod(k, ncols)
         mosaic[r * (h + gap): r * (h + gap) + tile.shape[0], c * (w + gap): c * (w + gap) + tile.shape[1]] = tile
-    fig = _new_figure((2.0 * ncols, 2.2 * nrows))
+    fig = new_figure((2.0 * ncols, 2.2 * nrows))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(mosaic, vmin=0.0, vmax=1.0, interpolation="nearest")
     for k, index in enumerate(wrong):
@@ -280,4 +264,4 @@ def plot_misclassified(
                 ha="center", va="bottom", fontsize=8)
     ax.axis("off")
     fig.suptitle(f"misclassified: {int((y_true != y_pred).sum())} of {len(y_true)} (true → pred)")
-    return _save(fig, path)
+    return save_figure(fig, path)

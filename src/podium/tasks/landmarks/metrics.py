@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from podium.common.plots import new_figure, save_figure
 from podium.engine.registry import register
 
 DEFAULT_RADII: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
@@ -236,29 +237,12 @@ def format_table(rows: Sequence[dict]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _new_figure(figsize: tuple[float, float]):
-    """A Figure bound to an Agg canvas, independent of pyplot and of the global backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
-
-
 def _empty_figure(message: str, path: str | Path) -> Path:
-    fig = _new_figure((4.0, 2.0))
+    fig = new_figure((4.0, 2.0))
     ax = fig.add_subplot(1, 1, 1)
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cumulative_error(
@@ -285,7 +269,7 @@ def plot_cumulative_error(
     x_max = max(2.0 * max(radii), float(np.quantile(finite, 0.99)) if finite.size else 0.0, 1e-3)
     shares = np.arange(1, valid.size + 1) / valid.size
 
-    fig = _new_figure((6.5, 4.5))
+    fig = new_figure((6.5, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     # Start the staircase at (0, 0) so that the curve reads from the origin.
     ax.step(np.concatenate([[0.0], valid]), np.concatenate([[0.0], shares]), where="post",
@@ -309,7 +293,7 @@ def plot_cumulative_error(
     if beyond > 0:
         title += f", {100 * beyond:.1f}% > {x_max:.1f} mm"
     ax.set_title(title + ")", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_landmark(
@@ -330,7 +314,7 @@ def plot_per_landmark(
     if not any(c.size for c in columns):
         return _empty_figure(f"No visible landmarks\n({errors.size} missing)", path)
 
-    fig = _new_figure((max(6.0, 0.45 * len(names) + 2.0), 4.5))
+    fig = new_figure((max(6.0, 0.45 * len(names) + 2.0), 4.5))
     ax = fig.add_subplot(1, 1, 1)
     positions = [k + 1 for k, c in enumerate(columns) if c.size]
     ax.boxplot([c for c in columns if c.size], positions=positions, showmeans=True,
@@ -352,7 +336,7 @@ def plot_per_landmark(
     if beyond:
         title += f"; {beyond} error{'s' if beyond > 1 else ''} > {y_max:.1f} mm off the scale"
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -426,7 +410,7 @@ def plot_overlay(
     extent = (-0.5, small.shape[1] * factor - 0.5, small.shape[0] * factor - 0.5, -0.5)
 
     width = 8.0
-    fig = _new_figure((width + (2.5 if names else 0.0), max(2.0, width * h / w)))
+    fig = new_figure((width + (2.5 if names else 0.0), max(2.0, width * h / w)))
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(small, cmap=cmap, vmin=0.0, vmax=1.0, extent=extent, interpolation="bilinear")
     ax.set_xlim(-0.5, w - 0.5)
@@ -467,4 +451,4 @@ def plot_overlay(
         listing = "\n".join(f"{k + 1:>2}  {name}" for k, name in enumerate(names))
         ax.text(1.02, 1.0, listing, transform=ax.transAxes, va="top", ha="left", fontsize=8,
                 family="monospace")
-    return _save(fig, path)
+    return save_figure(fig, path)
