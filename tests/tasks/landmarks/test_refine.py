@@ -93,3 +93,23 @@ def test_shift_and_scale_tta_map_predictions_back():
     image[0, 0, 10:14, 18:22] = 1.0  # centroid (19.5, 11.5)
     points = task.predict_points(DotFinder(), image)
     torch.testing.assert_close(points, torch.tensor([[[19.5, 11.5]]]), atol=0.05, rtol=0)
+
+
+def test_prior_prefers_the_peak_near_the_first_stage_estimate(monkeypatch):
+    """Two equal peaks in a patch: the prior around the coarse estimate (patch centre) decides."""
+    def two_peaks(patches, landmark_index=None):
+        heat = torch.full((patches.shape[0], 1, 16, 16), -30.0)
+        heat[:, :, 1, 1] = 30.0   # far from the centre, found first by argmax
+        heat[:, :, 9, 9] = 30.0   # next to the centre (8, 8)
+        return {"heatmaps": heat}
+
+    x = torch.randn(1, 1, 64, 64)
+    with_prior, without = build(prior_sigma=4.0).eval(), build(prior_sigma=0.0).eval()
+    for model in (with_prior, without):
+        monkeypatch.setattr(model.refiner, "forward", two_peaks)
+    with torch.no_grad():
+        near = with_prior(x)
+        far = without(x)
+    centre = torch.floor(near["coarse_points"] + 0.5)
+    assert ((near["points"] - centre - 1).abs() < 0.6).all()  # the (9, 9) peak, one pixel off centre
+    assert ((far["points"] - centre + 7).abs() < 0.6).all()  # argmax picked (1, 1) without the prior
