@@ -131,7 +131,7 @@ def _trainer_for_run(run_dir: Path, overrides: list[str], console: Console, chec
     fabric = make_fabric(cfg.trainer, console)
     task = registry.build("task", cfg.task.name, cfg)
     trainer = Trainer(cfg, task, run_dir, fabric, console=console)
-    trainer.setup()
+    trainer.setup(training=False)
     path = Path(checkpoint) if checkpoint.endswith(".pt") else run_dir / "checkpoints" / f"{checkpoint}.pt"
     data = ckpt.load_checkpoint(path, map_location=fabric.device)
     _unwrap(trainer.model).load_state_dict(data["model"])

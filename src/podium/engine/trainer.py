@@ -135,7 +135,9 @@ class Trainer:
         if torch.get_num_threads() > threads:
             torch.set_num_threads(threads)
 
-    def setup(self) -> None:
+    def setup(self, training: bool = True) -> None:
+        """Build model, data and (for training) loaders, optimizer and schedule.
+        `training=False` (eval, predict) skips what only training needs."""
         cfg, task, fabric = self.cfg, self.task, self.fabric
         self._limit_cpu_threads()
         repro.seed_everything(cfg.seed, self.tc.deterministic)
@@ -150,12 +152,14 @@ class Trainer:
         for split in ("train", "val"):
             if split not in self.datasets:
                 raise UserError(f"the dataset has no '{split}' split.")
-        self.train_loaders = task.train_loaders(self.datasets, self._make_loader)
-        self.primary = next(iter(self.train_loaders))
-        self.val_loader = self._make_loader(self.datasets["val"], train=False)
-
-        optimizer = build_optimizer(task.parameter_groups(model), cfg.optim)
-        self.model, self.optimizer = fabric.setup(model, optimizer)
+        if training:
+            self.train_loaders = task.train_loaders(self.datasets, self._make_loader)
+            self.primary = next(iter(self.train_loaders))
+            self.val_loader = self._make_loader(self.datasets["val"], train=False)
+            optimizer = build_optimizer(task.parameter_groups(model), cfg.optim)
+            self.model, self.optimizer = fabric.setup(model, optimizer)
+        else:
+            self.model = fabric.setup(model)
         self.aux = {name: m.to(fabric.device) for name, m in task.build_aux_modules(_unwrap(self.model)).items()}
         self.ema = None
         if self.tc.ema.enabled:
@@ -163,11 +167,14 @@ class Trainer:
 
             self.ema = AveragedModel(_unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(self.tc.ema.decay),
                                      use_buffers=True)
+        task.build_loss(self.datasets)
+        self.total_steps = 0
+        if not training:
+            return
         accum = max(1, self.tc.accumulate_grad_batches)
         self.steps_per_epoch = max(1, math.ceil(len(self.train_loaders[self.primary]) / accum))
         self.total_steps = self.tc.max_steps or self.tc.max_epochs * self.steps_per_epoch
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
-        task.build_loss(self.datasets)
 
     def ctx(self) -> StepContext:
         return StepContext(self.fabric, self.state.step, self.state.epoch, self.total_steps, self.aux)
