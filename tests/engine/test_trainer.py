@@ -19,7 +19,7 @@ from podium.engine.schema import ENGINE_GROUPS
 from podium.engine.session import make_fabric
 from podium.engine.trainer import Trainer, _unwrap
 from podium.errors import TrainingDiverged
-from podium.tasks.base import Task
+from podium.engine.task import Task
 
 
 class Points(Dataset):

@@ -88,10 +88,18 @@ def unregister(kind: str, name: str) -> None:
 _loaded = False
 
 
+ENTRY_POINT_GROUP = "podium.tasks"
+
+
 def load_builtin() -> None:
-    """Import every task family so that its registrations run (once)."""
+    """Import every task family declared under the `podium.tasks` entry-point group (once), so
+    that its registrations run. The engine names no task: a family, built in or from another
+    package, declares itself in its pyproject.toml."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import podium.tasks  # noqa: F401  (registers the built-in families)
+    from importlib.metadata import entry_points
+
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        entry_point.load()

@@ -1,6 +1,6 @@
 """The one Trainer, on Lightning Fabric, that runs every task family.
 
-A task (podium.tasks.base.Task) supplies the hooks; the trainer owns the loop and everything that
+A task (podium.engine.task.Task) supplies the hooks; the trainer owns the loop and everything that
 must be the same for every family: devices and precision, gradient accumulation and clipping,
 EMA weights, schedules by epochs or by steps, validation, best/last checkpoints written
 atomically, exact resume (also from the middle of an epoch), NaN guards, Ctrl-C, tracking and the
@@ -29,7 +29,7 @@ from podium.engine.loading import default_num_workers, make_loader
 from podium.engine.optim import build_optimizer, build_scheduler
 from podium.engine.runs import write_history
 from podium.errors import TrainingDiverged, UserError
-from podium.tasks.base import StepContext, Task
+from podium.engine.task import StepContext, Task
 
 
 @dataclass

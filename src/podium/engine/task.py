@@ -1,0 +1,125 @@
+"""The `Task` interface every family implements, and the context the trainer hands it.
+
+One `Trainer` (podium.engine.trainer) runs every family; a family supplies the hooks below, in
+the spirit of nnU-Net's hook-rich trainer: a variant overrides one hook, not the loop.
+
+What the interface carries, because the families need it:
+- several training loaders at once (`train_loaders`): labelled source + unlabelled target for
+  domain adaptation, two views for contrastive pretraining. With more than one loader the first
+  one defines the epoch and the others cycle; `training_step` then receives a dict
+  `{loader_name: batch}`.
+- auxiliary modules beside the model (`build_aux_modules`): an EMA teacher, a momentum encoder
+  with its queue, ... They are moved to the device, checkpointed and resumed with the model.
+  They are updated by the task (e.g. in `on_optimizer_step`), never by the optimizer: trainable
+  parts (an auxiliary decoder) belong inside the model.
+- batches of any structure: the task's collate function decides.
+- evaluation that aggregates per volume or per group: `evaluation_step` returns per-sample
+  records (dicts), the trainer gathers them from every rank, and `aggregate` reduces them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class StepContext:
+    """What a task sees of the trainer inside a step."""
+
+    fabric: Any  # lightning.fabric.Fabric
+    step: int  # optimizer steps done so far
+    epoch: int
+    max_steps: int  # total optimizer steps planned for the run
+    aux: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1] (for ramps such as mask-augmentation schedules)."""
+        return min(1.0, self.step / max(1, self.max_steps))
+
+
+class Task:
+    """Base class: override the hooks your family needs.
+
+    `cfg` is the whole resolved config (an OmegaConf DictConfig); a task reads `cfg.data`,
+    `cfg.model`, `cfg.loss` and `cfg.task`.
+    """
+
+    #: metric the trainer monitors for the best checkpoint and early stopping
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ---- building -------------------------------------------------------------------------
+    def build_datasets(self) -> dict[str, Dataset]:
+        """Return the datasets by split: 'train', 'val', and any number of test splits
+        (every split whose name starts with 'test' is evaluated by `podium eval`)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_loss(self, datasets: dict[str, Dataset]) -> None:
+        """Build and keep the loss (it may need the training labels, e.g. class weights)."""
+
+    def parameter_groups(self, model: nn.Module) -> list:
+        """Parameters for the optimizer; override for per-group learning rates (a head at 10x)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def build_aux_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {}
+
+    def train_loaders(self, datasets: dict[str, Dataset], make_loader) -> dict[str, Iterable]:
+        """Training loaders by name; `make_loader(dataset, train=True)` is the engine's factory."""
+        return {"train": make_loader(datasets["train"], train=True)}
+
+    def collate_fn(self) -> Callable | None:
+        return None
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, model: nn.Module, batch: Any, ctx: StepContext) -> dict[str, Any]:
+        """Return a dict with a scalar tensor 'loss' and any other scalars to log."""
+        raise NotImplementedError
+
+    def on_optimizer_step(self, model: nn.Module, ctx: StepContext) -> None:
+        """Called after each optimizer step (EMA teacher update, queue maintenance...)."""
+
+    # ---- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluation_step(self, model: nn.Module, batch: Any, ctx: StepContext) -> list[dict]:
+        """Per-sample records for `aggregate` (plain Python / numpy values: they are gathered
+        across ranks)."""
+        raise NotImplementedError
+
+    def aggregate(self, records: list[dict], split: str) -> dict[str, float]:
+        """Reduce the gathered records of a split to flat metrics, e.g. {'macro_f1': 0.93}."""
+        raise NotImplementedError
+
+    def save_predictions(self, records: list[dict], split: str, out_dir: Path) -> list[Path]:
+        """Write a split's predictions (e.g. probabilities) so ensembles and CV can reuse them."""
+        return []
+
+    # ---- outputs --------------------------------------------------------------------------
+    def visualize(self, records: list[dict], split: str, out_dir: Path) -> list[Path]:
+        """Write plots for a split's records; return the written files."""
+        return []
+
+    def predict(self, model: nn.Module, inputs: list[Path], out_file: Path, ctx: StepContext) -> Path:
+        """Predict on raw input files and write them to `out_file`; return its path."""
+        raise NotImplementedError
+
+    def example_input(self) -> torch.Tensor | None:
+        """A batch that exercises the model (export, doctor, benchmarks)."""
+        return None
