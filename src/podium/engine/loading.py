@@ -76,6 +76,8 @@ class SeededDataset(Dataset):
             # Only the CPU generator: torch.manual_seed would also queue CUDA/XPU/MTIA seeding,
             # which records a stack trace per call (~1.5 ms per sample when no GPU is in use).
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
+            if hasattr(self.dataset, "set_epoch"):  # schedules that ramp over epochs (mask augmentation)
+                self.dataset.set_epoch(epoch)
             return self.dataset[index]
 
     def __getattr__(self, name):  # expose classes, targets... of the wrapped dataset

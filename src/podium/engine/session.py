@@ -37,7 +37,8 @@ def make_fabric(tc, console: Console, devices=None):
 
 
 def metrics_table(metrics: dict, title: str) -> Table:
-    """Rows are splits, columns are metric names (per-class entries stay in the JSON)."""
+    """Rows are splits, columns are metric names — transposed when there are many metrics
+    (per-class entries stay in the JSON)."""
     splits: dict[str, dict] = {}
     for key, value in metrics.items():
         split, _, name = key.partition("/")
@@ -48,6 +49,13 @@ def metrics_table(metrics: dict, title: str) -> Table:
     for row in splits.values():
         names += [n for n in row if n not in names]
     table = Table(title=title)
+    if len(names) > 6:  # many metrics (per-group ones): one row per metric, one column per split
+        table.add_column("metric")
+        for split in splits:
+            table.add_column(split, justify="right")
+        for n in names:
+            table.add_row(n, *[f"{row[n]:.4f}" if n in row else "" for row in splits.values()])
+        return table
     table.add_column("split")
     for name in names:
         table.add_column(name, justify="right")

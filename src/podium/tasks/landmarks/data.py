@@ -50,6 +50,7 @@ from podium.common.augment import plain
 from podium.common.images import load_image
 from podium.engine.registry import register
 from podium.errors import UserError
+from podium.common.structured import as_config
 from podium.tasks.landmarks.cache import PreprocessCache, resolve_cache_dir
 from podium.tasks.landmarks.geometry import Letterbox, letterbox
 from podium.tasks.landmarks.augment import LandmarkAugment, LandmarkAugmentConfig, check_augment
@@ -242,19 +243,6 @@ class LandmarkTableConfig(LandmarkDataConfig):
     val: Optional[str] = None  # required
     test: Optional[str] = None
     spacing: float = 1.0  # mm per pixel where a table gives none (1.0: errors in pixels)
-
-
-def as_config(cfg: Any, schema: type) -> Any:
-    """A DictConfig / mapping / dataclass -> an instance of `schema` (nested augment included)."""
-    if isinstance(cfg, schema):
-        return cfg
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), plain(cfg) if not isinstance(cfg, dict) else cfg)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise UserError(f"data{'.' + key if key else ''}: {msg}") from None
 
 
 def check_common(c: LandmarkDataConfig) -> None:

@@ -1,0 +1,243 @@
+"""E2E-VarNet: end-to-end variational network for multi-coil MRI, registered as model "varnet".
+
+Sriram et al. 2020, "End-to-End Variational Networks for Accelerated MRI Reconstruction"
+(MICCAI). Facts pinned by reference.md ("E2E-VarNet"):
+- a sensitivity model estimates coil maps S from the auto-calibration (centre) columns only:
+  inverse FFT, coils folded into the batch, a normalised U-Net, divided by the RSS over coils;
+- each cascade updates k-space
+      k <- k - dc_weight * mask * (k - k_ref) - F(S * unet(sum_c conj(S_c) * F^-1(k_c)))
+  with dc_weight a learned scalar starting at 1;
+- the output is the RSS image of the final k-space, not cropped (the task crops).
+Parameter counts (pools 4, sens_pools 4): 12/18/8 = 29,936,966 and 20/18/8 = 49,571,678
+(cascades / chans / sens_chans), pinned by the tests.
+
+Shapes: masked k-space (B, coils, H, W, 2); mask (B, 1, 1, W, 1), float 0/1 or bool;
+num_low_frequencies (B,) (or an int), None or 0 meaning "find the centre block in the mask".
+
+    >>> import torch
+    >>> from podium.tasks.reconstruction.models.varnet import VarNet
+    >>> model = VarNet(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2)
+    >>> mask = torch.zeros(1, 1, 1, 24, 1); mask[..., ::3, :] = 1; mask[..., 10:14, :] = 1
+    >>> model(torch.randn(1, 3, 32, 24, 2) * mask, mask).shape
+    torch.Size([1, 32, 24])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from podium.engine.registry import register
+from podium.errors import UserError
+from podium.tasks.reconstruction.fft import (
+    complex_conj,
+    complex_mul,
+    fft2c,
+    ifft2c,
+    rss_complex,
+)
+from podium.tasks.reconstruction.models.lska import LSKABlock, lska_kernel_sizes
+from podium.tasks.reconstruction.models.unet import (
+    AttentionFactory,
+    NormUnet,
+    check_attention_levels,
+)
+
+LowFrequencies = Tensor | int | None
+
+
+@dataclass
+class VarNetConfig:
+    name: str = "varnet"
+    cascades: int = 12
+    chans: int = 18  # first-level width of each cascade's U-Net
+    sens_chans: int = 8  # first-level width of the sensitivity U-Net
+    pools: int = 4
+    sens_pools: int = 4
+    lska_kernel: int = 0  # 0 = off; else one of 7, 11, 23, 35, 41, 53 (models/lska.py)
+    lska_levels: str = "bottleneck"  # "bottleneck" | "all" conv blocks of the cascade U-Nets
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared with FI-VarNet
+# --------------------------------------------------------------------------------------------
+
+
+def sens_expand(image: Tensor, sens_maps: Tensor) -> Tensor:
+    """Coil k-space of a coil-combined image: F(S_c * x). (B, 1, H, W, 2) -> (B, C, H, W, 2)."""
+    return fft2c(complex_mul(image, sens_maps))
+
+
+def sens_reduce(kspace: Tensor, sens_maps: Tensor) -> Tensor:
+    """Coil-combined image of coil k-space: sum_c conj(S_c) F^-1(k_c) -> (B, 1, H, W, 2)."""
+    return complex_mul(ifft2c(kspace), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
+
+
+def lska_attention(kernel: int, levels: str) -> AttentionFactory | None:
+    """The U-Net attention factory for a config's `lska_kernel` (0: none)."""
+    check_attention_levels(levels)
+    if kernel == 0:
+        return None
+    lska_kernel_sizes(kernel)  # a wrong size fails here, at build time, naming the key
+    return partial(LSKABlock, kernel=kernel)
+
+
+def run_cascade(cascade: Callable[..., Tensor], checkpointed: bool, *args: Tensor) -> Tensor:
+    """Call a cascade, recomputing its activations in backward when `checkpointed`: memory
+    then grows with one cascade instead of all of them, for about a third more compute."""
+    if checkpointed:
+        return checkpoint(cascade, *args, use_reentrant=False)
+    return cascade(*args)
+
+
+def check_positive(cfg, keys: tuple[str, ...], minimum: int = 1) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or value < minimum:
+            raise UserError(f"model.{key} = {value!r}; expected an integer >= {minimum}")
+
+
+def centre_columns(mask: Tensor, num_low_frequencies: LowFrequencies = None) -> Tensor:
+    """(B, 1, 1, W, 1) 0/1 mask of the auto-calibration columns of each batch item.
+
+    A given width n puts the block at columns [(W - n + 1) // 2, ... + n), the fastMRI mask
+    functions' placement. Without one (None, or 0 for an item), the block is the run of sampled
+    columns containing column W // 2 (at least that column)."""
+    sampled = mask[:, 0, 0, :, 0] != 0  # (B, W)
+    width = sampled.shape[-1]
+    centre = width // 2
+    # Length of the unbroken sampled run from the centre rightwards / from centre-1 leftwards.
+    right = torch.cumprod(sampled[:, centre:].to(torch.int64), dim=1).sum(dim=1)
+    left = torch.cumprod(sampled[:, :centre].flip(1).to(torch.int64), dim=1).sum(dim=1)
+    start = torch.where(right > 0, centre - left, torch.full_like(left, centre))
+    stop = centre + right.clamp_min(1)
+
+    if num_low_frequencies is not None:
+        given = torch.as_tensor(num_low_frequencies, device=mask.device).to(torch.int64)
+        given = given.reshape(-1)
+        given_start = torch.div(width - given + 1, 2, rounding_mode="floor")
+        start = torch.where(given > 0, given_start, start)
+        stop = torch.where(given > 0, given_start + given, stop)
+
+    columns = torch.arange(width, device=mask.device)
+    keep = (columns >= start[:, None]) & (columns < stop[:, None])
+    return keep.reshape(-1, 1, 1, width, 1)
+
+
+class SensitivityModel(nn.Module):
+    """Coil sensitivity maps (B, C, H, W, 2) from the centre of the masked k-space, normalised to
+    unit RSS over coils."""
+
+    def __init__(self, chans: int = 8, num_pools: int = 4):
+        super().__init__()
+        self.norm_unet = NormUnet(chans, num_pools)
+
+    def forward(
+        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
+    ) -> Tensor:
+        centre = centre_columns(mask, num_low_frequencies).to(masked_kspace.dtype)
+        images = ifft2c(masked_kspace * centre)
+        batch, coils, height, width, _ = images.shape
+        # Every coil goes through the same U-Net, so the model works for any coil count.
+        maps = self.norm_unet(images.reshape(batch * coils, 1, height, width, 2))
+        maps = maps.reshape(batch, coils, height, width, 2)
+        norm = rss_complex(maps, dim=1).clamp_min(1e-12)  # floor: a pixel with no signal
+        return maps / norm[:, None, :, :, None]
+
+
+class VarNetBlock(nn.Module):
+    """One cascade: soft data consistency plus a learned refinement, all in k-space."""
+
+    def __init__(self, regularizer: nn.Module):
+        super().__init__()
+        self.regularizer = regularizer  # (B, 1, H, W, 2) image -> same
+        self.dc_weight = nn.Parameter(torch.ones(1))
+
+    def forward(
+        self, kspace: Tensor, ref_kspace: Tensor, mask: Tensor, sens_maps: Tensor
+    ) -> Tensor:
+        soft_dc = self.dc_weight * mask * (kspace - ref_kspace)
+        refinement = sens_expand(self.regularizer(sens_reduce(kspace, sens_maps)), sens_maps)
+        return kspace - soft_dc - refinement
+
+
+def check_inputs(masked_kspace: Tensor, mask: Tensor) -> None:
+    if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2:
+        raise ValueError(
+            f"masked_kspace must be (B, coils, H, W, 2), got {tuple(masked_kspace.shape)}"
+        )
+    if mask.ndim != 5 or mask.shape[-2] != masked_kspace.shape[-2]:
+        raise ValueError(
+            f"mask must be (B, 1, 1, W, 1) with W = {masked_kspace.shape[-2]}, "
+            f"got {tuple(mask.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class VarNet(nn.Module):
+    def __init__(
+        self,
+        num_cascades: int = 12,
+        chans: int = 18,
+        pools: int = 4,
+        sens_chans: int = 8,
+        sens_pools: int = 4,
+        lska_kernel: int = 0,
+        lska_levels: str = "bottleneck",
+    ):
+        super().__init__()
+        attention = lska_attention(lska_kernel, lska_levels)
+        self.notation = f"{num_cascades}/{chans}/{sens_chans}"  # cascades/chans/sens_chans
+        self.sens_net = SensitivityModel(sens_chans, sens_pools)
+        self.cascades = nn.ModuleList(
+            VarNetBlock(NormUnet(chans, pools, attention=attention, attention_levels=lska_levels))
+            for _ in range(num_cascades)
+        )
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def sens_maps(
+        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
+    ) -> Tensor:
+        """The estimated coil sensitivities (B, coils, H, W, 2)."""
+        return self.sens_net(masked_kspace, mask, num_low_frequencies)
+
+    def forward(
+        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
+    ) -> Tensor:
+        """(B, coils, H, W, 2) k-space, (B, 1, 1, W, 1) mask -> (B, H, W) RSS image."""
+        check_inputs(masked_kspace, mask)
+        mask = mask.to(masked_kspace.dtype)
+        sens_maps = self.sens_maps(masked_kspace, mask, num_low_frequencies)
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        kspace = masked_kspace
+        for cascade in self.cascades:
+            kspace = run_cascade(cascade, checkpointed, kspace, masked_kspace, mask, sens_maps)
+        return rss_complex(ifft2c(kspace), dim=1)
+
+
+@register("model", "varnet", schema=VarNetConfig)
+def varnet(cfg, **context) -> VarNet:
+    """E2E-VarNet (Sriram et al. 2020), optional LSKA in the cascade U-Nets."""
+    check_positive(cfg, ("chans", "sens_chans"))
+    check_positive(cfg, ("cascades", "pools", "sens_pools"), minimum=0)
+    return VarNet(
+        num_cascades=cfg.cascades,
+        chans=cfg.chans,
+        pools=cfg.pools,
+        sens_chans=cfg.sens_chans,
+        sens_pools=cfg.sens_pools,
+        lska_kernel=cfg.lska_kernel,
+        lska_levels=cfg.lska_levels,
+    )

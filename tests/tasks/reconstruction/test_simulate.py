@@ -1,0 +1,116 @@
+"""The k-space simulator: fold-over, acquired band, noise level, coil maps, HDF5 output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from podium.errors import UserError
+from podium.tasks.reconstruction import readers
+from podium.tasks.reconstruction import simulate as sim
+from podium.tasks.reconstruction.fft import ifft2c_np
+
+SMALL = sim.SimulationParams(shape=(64, 48), num_coils=4)
+
+
+@pytest.fixture(scope="module")
+def mni():
+    return sim.mni_slices("axial", step=6)
+
+
+def phantom(h=60, w=50) -> np.ndarray:
+    y, x = np.mgrid[:h, :w]
+    return (((y - h / 2) / (h / 2.3)) ** 2 + ((x - w / 2) / (w / 2.3)) ** 2 < 1).astype(np.float32)
+
+
+def test_fold_sums_the_canvas_modulo_the_field_of_view():
+    canvas = np.arange(2 * 10, dtype=np.float32).reshape(1, 2, 10)  # width 10 folded into 6
+    out = sim.fold(canvas, 6)
+    assert out.shape == (1, 2, 6)
+    assert out.sum() == pytest.approx(canvas.sum())  # nothing lost
+    offset = (10 - 6) // 2  # canvas column 2 lands on FOV column 0
+    assert out[0, 0, 0] == canvas[0, 0, offset] + canvas[0, 0, offset + 6]
+    assert np.array_equal(sim.fold(canvas[..., 3:9], 6), canvas[..., 3:9])  # no fold when it fits
+
+
+def test_band_limits_centre_the_acquired_columns():
+    assert sim.band_limits(256, 168 / 256) == (44, 212)  # the ESPIRiT slice: columns 44-211
+    left, right = sim.band_limits(48, 0.5)
+    assert right - left == 24 and left == 12
+
+
+def test_simulated_slice_is_band_limited_and_folds(mni):
+    params = sim.SimulationParams(shape=(64, 48), num_coils=4, object_width=(1.3, 1.3), phase_band=(0.5, 0.5))
+    s = sim.simulate_slice(mni[len(mni) // 2], params, np.random.default_rng(0))
+    assert s.kspace.shape == (4, 64, 48) and s.kspace.dtype == np.complex64
+    left, right = s.padding
+    assert np.abs(s.kspace[..., :left]).max() == 0 and np.abs(s.kspace[..., right:]).max() == 0
+    assert np.abs(s.kspace[..., left:right]).min(axis=(0, 1)).max() > 0
+    assert s.maps.shape[-1] > 48  # the coil maps live on the wide canvas: the head folds over
+    assert np.allclose(s.target, np.sqrt((np.abs(ifft2c_np(s.kspace)) ** 2).sum(0)), atol=1e-4)
+
+
+def test_measured_noise_ratio_recovers_the_simulated_one(mni):
+    for ratio in (0.01, 0.03):
+        params = sim.SimulationParams(shape=(128, 96), num_coils=4, noise_ratio=(ratio, ratio))
+        s = sim.simulate_slice(mni[len(mni) // 2], params, np.random.default_rng(1))
+        assert sim.measure_noise_ratio(s.kspace) == pytest.approx(ratio, rel=0.35)
+
+
+def test_simulation_is_deterministic_per_seed(mni):
+    a = sim.simulate_slice(mni[3], SMALL, np.random.default_rng(5))
+    b = sim.simulate_slice(mni[3], SMALL, np.random.default_rng(5))
+    c = sim.simulate_slice(mni[3], SMALL, np.random.default_rng(6))
+    assert np.array_equal(a.kspace, b.kspace)
+    assert not np.allclose(a.kspace, c.kspace)
+
+
+def test_coil_maps_fall_off_away_from_their_coil():
+    maps = sim.coil_maps(8, (64, 64), np.random.default_rng(0), radius=1.0)
+    assert maps.shape == (8, 64, 64)
+    magnitude = np.abs(maps)
+    # each coil is brightest on the image border nearest to it, not in the middle
+    for m in magnitude:
+        assert m.max() > 2 * m[32, 32]
+    assert len({np.unravel_index(m.argmax(), m.shape) for m in magnitude}) > 4  # coils are spread
+
+
+def test_add_scalp_surrounds_the_brain_with_a_bright_ring():
+    brain = phantom() * 0.5
+    head = sim.add_scalp(brain, np.random.default_rng(0))
+    assert head.shape[0] > brain.shape[0]  # padded to hold the layers
+    centre_row = head[head.shape[0] // 2]
+    brain_cols = np.nonzero(centre_row > 0.3)[0]
+    assert centre_row.max() > brain.max()  # fat is brighter than the brain on T1
+    assert centre_row[brain_cols.min() - 3] < 0.2  # dark CSF/skull between brain and scalp
+
+
+def test_mni_slices_are_real_heads(mni):
+    assert len(mni) > 5
+    for s in mni:
+        assert s.max() == pytest.approx(1.0) and s.shape == (233, 197)  # anterior-posterior rows
+
+
+def test_images_from_folder(tmp_path):
+    np.save(tmp_path / "a.npy", phantom())
+    (tmp_path / "notes.txt").write_text("ignored")
+    images = sim.images_from_folder(tmp_path)
+    assert len(images) == 1 and images[0].max() == 1.0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        sim.images_from_folder(tmp_path / "empty")
+    with pytest.raises(UserError, match="not found"):
+        sim.images_from_folder(tmp_path / "missing")
+
+
+def test_simulated_volume_is_valid_fastmri_hdf5(tmp_path, mni):
+    path = sim.simulate_volume_h5(tmp_path / "vol.h5", mni[2:4], SMALL, seed=0)
+    info = readers.read_volume_info(path)
+    assert info.num_slices == 2 and info.num_coils == 4 and info.shape == (64, 48)
+    data = readers.read_slice(path, 1)
+    # the header's encoding limits are the acquired band, shared by the volume's slices
+    assert np.abs(data["kspace"][..., : info.padding_left]).max() == 0
+    assert np.abs(data["kspace"][..., info.padding_right:]).max() == 0
+    assert np.abs(data["kspace"][..., info.padding_left]).max() > 0
+    assert np.allclose(data["target"], sim.rss_image(data["kspace"]), atol=1e-5)
+    assert info.max_value == pytest.approx(float(max(readers.read_slice(path, i)["target"].max() for i in range(2))))
