@@ -75,7 +75,10 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[obje
     (console or Console()).print(table)
 
 
-def write_json(path: Path, data: dict) -> Path:
+def write_json(path: Path | None, data: dict) -> Path | None:
+    """Write `data` as JSON to `path` (no --json given: nothing to write)."""
+    if path is None:
+        return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")

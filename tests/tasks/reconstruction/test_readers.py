@@ -17,16 +17,14 @@ from podium.tasks.reconstruction.readers import (
     SliceIndex,
     VolumeInfo,
     close_all,
-    read_cfl,
-    read_kspace_file,
     read_slice,
     read_snu_info,
     read_snu_slice,
     read_volume_info,
     snu_volume_pairs,
-    write_cfl,
     write_fastmri_h5,
 )  # fmt: skip
+from podium.tasks.reconstruction.rawfiles import read_cfl, read_kspace_file, write_cfl
 
 MRI_DATA = (Path(__file__).parents[3] / ".." / "shared" / "data" / "mri").resolve()
 NS = "{http://www.ismrm.org/ISMRMRD}"

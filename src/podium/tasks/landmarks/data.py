@@ -40,8 +40,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2

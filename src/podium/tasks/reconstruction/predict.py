@@ -3,7 +3,7 @@
 Inputs: fastMRI-format `.h5` (every slice; the file's `mask` if it has one), or a raw k-space
 file (`.mat`, `.npy`, BART `.cfl`) holding one undersampled slice. Without a stored mask, the
 sampled columns are the ones that hold data. The output file has one dataset per input,
-`reconstruction/<stem>` (slices, H, W) in the input's units, and a PNG preview beside it.
+`reconstruction/<file name>` (slices, H, W) in the input's units, and a PNG preview beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from podium.errors import UserError
 from podium.tasks.reconstruction import masks as mk
-from podium.tasks.reconstruction import readers
+from podium.tasks.reconstruction import rawfiles, readers
 from podium.tasks.reconstruction.data import center_block_width, make_sample
 
 
@@ -28,7 +28,7 @@ def _slices(path: Path):
             yield data["kspace"], (None if data.get("mask") is None else np.asarray(data["mask"], bool))
     else:
         base = path.with_suffix("") if path.suffix in (".cfl", ".hdr") else path
-        yield readers.read_kspace_file(base if path.suffix in (".cfl", ".hdr") else path), None
+        yield rawfiles.read_kspace_file(base if path.suffix in (".cfl", ".hdr") else path), None
 
 
 def sampled_columns(kspace: np.ndarray) -> np.ndarray:
@@ -63,9 +63,9 @@ def predict_files(task, model, inputs: list[Path], out_file: Path, device: torch
                 scale = float(sample["scale"])
                 recons.append(recon * scale)
                 zero_filled.append(sample["target"].numpy() * scale)  # RSS of the masked k-space
-            f.create_dataset(f"reconstruction/{path.stem}", data=np.stack(recons).astype(np.float32))
+            f.create_dataset(f"reconstruction/{path.name}", data=np.stack(recons).astype(np.float32))
             mid = len(recons) // 2
-            plot_reconstruction(zero_filled[mid], recons[mid], out_file.parent / f"{out_file.stem}_{path.stem}.png",
+            plot_reconstruction(zero_filled[mid], recons[mid], out_file.parent / f"{out_file.stem}_{path.name}.png",
                                 title=f"{path.name} (no fully sampled reference)", target_label="zero-filled")
     tmp.replace(out_file)
     return out_file

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from podium.common.structured import as_config
 from podium.engine.registry import register
 from podium.errors import UserError
-from podium.tasks.reconstruction import readers
+from podium.tasks.reconstruction import rawfiles
 from podium.tasks.reconstruction import simulate as sim
 from podium.tasks.reconstruction.data import (
     MaskPolicy, SimulatedDataConfig, SliceDataset, _cache_dir, anatomy_id, make_sample)
@@ -87,7 +87,7 @@ class RawKspaceSlices(Dataset):
         for f in files:
             if not Path(f).exists():
                 raise UserError(f"data.real_test: {f} not found.")
-            self.kspaces.append(readers.read_kspace_file(f, axes=axes))
+            self.kspaces.append(rawfiles.read_kspace_file(f, axes=axes))
         self.cfg, self.policy = cfg, policy
         self.volume_names = [Path(f).name for f in files]
 
