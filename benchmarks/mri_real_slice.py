@@ -45,14 +45,16 @@ def score(recon: np.ndarray, reference: np.ndarray) -> dict:
 def classical_methods(kspace: np.ndarray, acc: int) -> dict[str, np.ndarray]:
     from podium.tasks.reconstruction import classical
     from podium.tasks.reconstruction.masks import SNUMask
+    from podium.tasks.reconstruction.simulate import rss_image
 
     sampled = SNUMask([0.08], [acc])(kspace.shape[-1], np.random.default_rng(0))
     masked = kspace * sampled.mask[None, None, :]
     n = sampled.num_low_frequencies
     acs = ((kspace.shape[-1] - n + 1) // 2, (kspace.shape[-1] - n + 1) // 2 + n)
     out = {"zero_filled": classical.zero_filled(masked, sampled.mask)}
-    filled = classical.grappa(masked, sampled.mask, acs)
-    out["grappa"] = np.sqrt((np.abs(classical.ifft2c(filled)) ** 2).sum(0))
+    # the regularisation is chosen per offset class by cross-validation on the calibration block
+    filled = classical.grappa(masked, sampled.mask, acs, lamda=classical.GRAPPA_LAMDA_CANDIDATES)
+    out["grappa"] = rss_image(filled)
     maps = classical.estimate_sensitivities(masked, acs)
     out["sense_one_map"] = np.abs(classical.sense(masked, sampled.mask, maps))
     return out

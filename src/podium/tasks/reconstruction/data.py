@@ -83,10 +83,10 @@ class SimulatedDataConfig(MRIDataConfig):
     """k-space simulated from the MNI T1 template (or a folder of images); see simulate.py."""
 
     name: str = "simulated_mri"
-    source: str = "mni"  # mni | a folder of images / .npy slices
+    source: str = "mni"  # mni (tissue renderings) | mni_t1 (the smooth template) | a folder of images
     shape: list[int] = field(default_factory=lambda: [320, 256])  # (readout, phase)
     num_coils: int = 8
-    object_width: list[float] = field(default_factory=lambda: [0.95, 1.15])  # > 1: FOV fold-over
+    object_width: list[float] = field(default_factory=lambda: [1.0, 1.2])  # > 1: FOV fold-over
     phase_band: list[float] = field(default_factory=lambda: [0.6, 0.75])  # acquired column fraction
     noise_ratio: list[float] = field(default_factory=lambda: [0.01, 0.02])
     train_size: int = 200  # samples per epoch (fresh simulations every epoch)

@@ -43,12 +43,12 @@ MNI_T1 = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 class SimulationParams:
     shape: tuple[int, int] = (320, 256)  # (readout H, phase W) of the k-space matrix
     num_coils: int = 8
-    object_width: tuple[float, float] = (0.95, 1.15)  # head width / phase FOV (> 1 folds over)
-    object_height: tuple[float, float] = (0.85, 0.97)  # head height / readout FOV
+    object_width: tuple[float, float] = (1.0, 1.2)  # head width / phase FOV (> 1 folds over)
+    object_height: tuple[float, float] = (0.95, 1.05)  # head height / readout FOV
     rotation_deg: float = 10.0
     phase_band: tuple[float, float] = (0.6, 0.75)  # fraction of phase columns acquired (rest zero)
     noise_ratio: tuple[float, float] = (0.01, 0.02)  # k-space noise std / max of the RSS image
-    coil_radius: tuple[float, float] = (0.95, 1.2)  # coil ellipse radius, in half-canvas units
+    coil_radius: tuple[float, float] = (1.0, 1.3)  # coil ellipse radius, in half-canvas units
     bias_strength: float = 0.3
     gamma: tuple[float, float] = (0.8, 1.25)  # contrast variation of the source image
     add_scalp: bool = True  # skull-stripped sources (the MNI template) get CSF, skull, fat, skin
@@ -63,38 +63,77 @@ class SimulatedSlice:
 
 
 # ---- sources of real MR images ---------------------------------------------------------------
-def mni_volume() -> np.ndarray:
-    """The MNI ICBM152 2009c T1 template (197 x 233 x 189, 1 mm) shipped in nilearn's wheel."""
+def _nilearn_volume(name: str) -> np.ndarray:
     try:
         import nibabel as nib
         import nilearn
     except ImportError as e:  # pragma: no cover - both are dependencies
         raise UserError(f"simulating from the MNI template needs nilearn and nibabel ({e}).") from e
-    path = Path(nilearn.__file__).parent / MNI_T1
+    path = Path(nilearn.__file__).parent / "datasets" / "data" / name
     if not path.exists():
         raise UserError(f"{path}: the MNI template is missing from this nilearn install.")
     return np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
 
 
-def mni_slices(axis: str = "axial", step: int = 2, min_fill: float = 0.25) -> list[np.ndarray]:
+def mni_volume() -> np.ndarray:
+    """The MNI ICBM152 2009c T1 template (197 x 233 x 189, 1 mm) shipped in nilearn's wheel."""
+    return _nilearn_volume(Path(MNI_T1).name)
+
+
+def _orient(vol: np.ndarray, axis: str, step: int) -> list[np.ndarray]:
+    if axis == "axial":  # rows anterior -> posterior, columns left -> right, as in the ESPIRiT slice
+        return [vol[:, :, z].T[::-1] for z in range(0, vol.shape[2], step)]
+    if axis == "coronal":
+        return [vol[:, y, :].T[::-1] for y in range(0, vol.shape[1], step)]
+    if axis == "sagittal":
+        return [vol[x, :, :].T[::-1] for x in range(0, vol.shape[0], step)]
+    raise UserError(f"axis={axis!r}: expected axial, coronal or sagittal.")
+
+
+def mni_slices(axis: str = "axial", step: int = 2, min_fill: float = 0.25,
+               tissues: bool = False) -> list[np.ndarray]:
     """2-D slices of the MNI template, oriented (anterior-posterior rows, left-right columns)
     for axial slices like the ESPIRiT brain slice; slices whose head covers less than
-    `min_fill` of the picture are dropped."""
-    vol = mni_volume()
-    if axis == "axial":
-        slices = [vol[:, :, z].T[::-1] for z in range(0, vol.shape[2], step)]
-    elif axis == "coronal":
-        slices = [vol[:, y, :].T[::-1] for y in range(0, vol.shape[1], step)]
-    elif axis == "sagittal":
-        slices = [vol[x, :, :].T[::-1] for x in range(0, vol.shape[0], step)]
-    else:
-        raise UserError(f"axis={axis!r}: expected axial, coronal or sagittal.")
+    `min_fill` of the picture are dropped. With `tissues`, each slice is a (3, H, W) stack of
+    the T1 image and the grey- and white-matter probability maps, for `render_tissues`."""
+    t1 = _orient(mni_volume(), axis, step)
+    if tissues:
+        gm = _orient(_nilearn_volume("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"), axis, step)
+        wm = _orient(_nilearn_volume("mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"), axis, step)
     out = []
-    for s in slices:
+    for i, s in enumerate(t1):
         s = np.ascontiguousarray(s, dtype=np.float32)
-        if (s > 0.1 * s.max()).mean() >= min_fill:
-            out.append(s / s.max())
+        if (s > 0.1 * s.max()).mean() < min_fill:
+            continue
+        s = s / s.max()
+        out.append(np.stack([s, np.ascontiguousarray(gm[i]), np.ascontiguousarray(wm[i])]) if tissues else s)
     return out
+
+
+def render_tissues(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A T1-like image with crisp tissue boundaries and texture from (T1, GM, WM) maps.
+
+    The MNI template is an average of 152 brains: far smoother than one real scan, so a network
+    trained on it never sees the sharp sulci and fine texture whose aliasing it must undo. Here
+    the grey/white/CSF labels are made crisp (argmax of the sharpened probabilities), given
+    random T1-like intensities and a smooth texture, and blended with a little of the template
+    (domain randomisation in the spirit of SynthSeg, Billot et al. 2023)."""
+    t1, gm, wm = stack
+    brain = (gm + wm) > 0.2
+    csf = brain & (np.maximum(gm, wm) < 0.35)
+    white = brain & ~csf & (wm >= gm)
+    grey = brain & ~csf & ~white
+    intensity = {"wm": rng.uniform(0.85, 1.0), "gm": rng.uniform(0.5, 0.7), "csf": rng.uniform(0.05, 0.2)}
+    image = np.zeros_like(t1)
+    image[white], image[grey], image[csf] = intensity["wm"], intensity["gm"], intensity["csf"]
+    # thin dark CSF lines where grey matter meets grey matter across a sulcus (gm edges with no wm)
+    sulci = brain & (ndimage.morphological_gradient(grey.astype(np.uint8), size=2) > 0) & ~white
+    image[sulci & (rng.random(t1.shape) < 0.7)] = intensity["csf"]
+    texture = ndimage.gaussian_filter(rng.normal(size=t1.shape), rng.uniform(0.5, 1.2))
+    image = image * (1 + rng.uniform(0.04, 0.12) * texture / (texture.std() + 1e-12))
+    image = ndimage.gaussian_filter(image, rng.uniform(0.2, 0.5))  # partial volume at the edges
+    alpha = rng.uniform(0.0, 0.4)
+    return np.clip((1 - alpha) * image + alpha * t1 * (image.max() / max(t1.max(), 1e-6)), 0, None).astype(np.float32)
 
 
 def images_from_folder(folder: str | os.PathLike) -> list[np.ndarray]:
@@ -121,7 +160,7 @@ def images_from_folder(folder: str | os.PathLike) -> list[np.ndarray]:
 
 # ---- physics pieces --------------------------------------------------------------------------
 def coil_maps(num_coils: int, shape: tuple[int, int], rng: np.random.Generator,
-              radius: float = 0.65) -> np.ndarray:
+              radius: float = 1.15) -> np.ndarray:
     """Surface-coil sensitivities on an elliptical array around the object.
 
     Magnitude falls off like a small loop's field, ((d / r0)^2 + 1)^(-3/2) with d the distance
@@ -135,7 +174,9 @@ def coil_maps(num_coils: int, shape: tuple[int, int], rng: np.random.Generator,
         angle = start + 2 * np.pi * c / num_coils + rng.normal(0, 0.1)
         cy, cx = radius * np.sin(angle), radius * (w / h) * np.cos(angle)
         d2 = (y - cy) ** 2 + (x - cx) ** 2
-        r0 = rng.uniform(0.35, 0.6)
+        # broad loops: a head coil's elements each see about half the head (as in the ESPIRiT
+        # scan's maps); narrow maps would make unfolding easier than on real data
+        r0 = rng.uniform(0.7, 1.3)
         magnitude = (d2 / r0**2 + 1.0) ** -1.5
         phase = angle + rng.uniform(-0.5, 0.5) * (x * np.cos(angle) + y * np.sin(angle))
         maps[c] = magnitude * np.exp(1j * phase)
@@ -161,19 +202,23 @@ def add_scalp(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     image = np.pad(image, pad)
     brain = ndimage.binary_fill_holes(image > 0.08 * image.max())
     dist = ndimage.distance_transform_edt(~brain)
-    csf, skull, fat, skin = (rng.uniform(1, 3), rng.uniform(4, 8), rng.uniform(4, 8), rng.uniform(1, 2.5))
-    texture = 1 + 0.15 * ndimage.gaussian_filter(rng.normal(size=image.shape), 2) / 0.1
+    csf, skull, fat, skin = (rng.uniform(1, 3), rng.uniform(3, 6), rng.uniform(3, 6), rng.uniform(1, 2))
+    texture = 1 + 0.12 * ndimage.gaussian_filter(rng.normal(size=image.shape), 0.8) / 0.25
+    # on T1 the scalp fat is the brightest tissue, 2-3x the brain (ESPIRiT slice: brain ~0.3 of max)
+    peak = float(image.max()) * rng.uniform(1.2, 2.0)
     layers = np.select(
         [dist <= 0, dist < csf, dist < csf + skull, dist < csf + skull + fat, dist < csf + skull + fat + skin],
-        [image, 0.06, 0.04 + 0.08 * (np.abs(dist - csf - skull / 2) < 1), rng.uniform(0.8, 1.1) * texture,
-         rng.uniform(0.4, 0.6)], 0.0)
-    return np.clip(ndimage.gaussian_filter(layers, 0.7), 0, None).astype(np.float32)
+        [image, 0.06 * peak, peak * (0.04 + 0.25 * (np.abs(dist - csf - skull / 2) < 1)), peak * texture,
+         rng.uniform(0.4, 0.6) * peak], 0.0)
+    return np.clip(ndimage.gaussian_filter(layers, 0.4), 0, None).astype(np.float32)
 
 
 def place_on_canvas(image: np.ndarray, params: SimulationParams, rng: np.random.Generator) -> np.ndarray:
     """Resize/rotate `image` so the head spans the drawn fraction of the readout and phase FOVs,
     on a canvas wide enough to hold the part that will fold over."""
     h, w = params.shape
+    if image.ndim == 3:  # a (T1, GM, WM) stack: render a crisp, textured T1-like image
+        image = render_tissues(image, rng)
     if params.add_scalp:
         image = add_scalp(image, rng)
     rows, cols = np.nonzero(image > 0.1 * image.max())

@@ -37,7 +37,13 @@ def simulation_params(cfg: SimulatedDataConfig) -> sim.SimulationParams:
 
 
 def source_images(cfg: SimulatedDataConfig) -> list[np.ndarray]:
-    return sim.mni_slices("axial") if cfg.source == "mni" else sim.images_from_folder(cfg.source)
+    """mni: crisp tissue renderings from the template's grey/white-matter maps (see
+    simulate.render_tissues); mni_t1: the smooth T1 template itself; else a folder of images."""
+    if cfg.source == "mni":
+        return sim.mni_slices("axial", tissues=True)
+    if cfg.source == "mni_t1":
+        return sim.mni_slices("axial")
+    return sim.images_from_folder(cfg.source)
 
 
 def split_images(images: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
