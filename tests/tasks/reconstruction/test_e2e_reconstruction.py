@@ -141,3 +141,41 @@ def test_real_slice_is_a_test_split(trained):
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((trained / "eval-best.json").read_text())
     assert 0 < metrics["test_real/ssim_acc4_brain"] <= 1 and 0 < metrics["test_real/ssim_acc8_brain"] <= 1
+
+
+def write_snu(root: Path, names: list[str]) -> None:
+    """A tiny SNU-layout folder: k-space (slices, coils, H, W) + mask, labels cropped to 32 x 32."""
+    rng = np.random.default_rng(0)
+    for name in names:
+        full = np.stack([undersampled_kspace() * 0 + fft2c_np(np.stack([
+            np.outer(np.hanning(48), np.hanning(40)) * np.exp(1j * c) * (1 + 0.1 * rng.random((48, 40)))
+            for c in range(4)])).astype(np.complex64) for _ in range(2)])
+        acc = 4 if "acc4" in name else 8
+        mask = np.zeros(40, np.float32)
+        mask[(40 // 2) % acc::acc] = 1
+        mask[17:23] = 1
+        image = np.sqrt((np.abs(np.fft.ifft2(full, norm="ortho")) ** 2).sum(1))[:, 8:40, 4:36].astype(np.float32)
+        for sub in ("kspace", "image"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        with h5py.File(root / "kspace" / name, "w") as f:
+            f.create_dataset("kspace", data=full * mask)
+            f.create_dataset("mask", data=mask)
+        with h5py.File(root / "image" / name, "w") as f:
+            f.create_dataset("image_label", data=image)
+            f.create_dataset("image_input", data=image)
+            f.attrs["max"] = float(image.max())
+
+
+@pytest.mark.slow
+def test_snu_recipe_trains_with_mask_augmentation_and_leaderboard_ssim(tmp_path):
+    write_snu(tmp_path / "snu" / "train", ["brain_acc4_1.h5", "brain_acc8_2.h5"])
+    write_snu(tmp_path / "snu" / "val", ["brain_acc4_3.h5", "brain_acc8_4.h5"])
+    result = podium("train", "experiment=varnet_snu", f"data.root={tmp_path / 'snu'}", "model=varnet_small",
+                    "model.cascades=1", "model.chans=4", "model.sens_chans=2", "model.pools=2", "model.sens_pools=2",
+                    "trainer.max_epochs=2", "trainer.num_workers=0", "tracking=none", "trainer.progress_bar=false",
+                    f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert -1 <= metrics["val/ssim_snu_leaderboard"] <= 1  # an untrained model may score below 0
+    assert metrics["val/ssim_snu_leaderboard"] == pytest.approx(
+        (metrics["val/ssim_snu_acc4_brain"] + metrics["val/ssim_snu_acc8_brain"]) / 2, rel=1e-6)
