@@ -32,6 +32,8 @@ bench: $(VENV)/.dev-installed
 	mkdir -p bench-out
 	$(BIN)/python benchmarks/trainer_overhead.py --quick --json bench-out/trainer_overhead.json
 	$(BIN)/python benchmarks/landmarks_isbi.py --quick --json bench-out/landmarks_isbi.json
+	$(BIN)/python benchmarks/mri_real_slice.py --quick --json bench-out/mri_real_slice.json
+	$(BIN)/python benchmarks/varnet_memory.py --quick --json bench-out/varnet_memory.json
 
 clean:
 	rm -rf $(VENV) runs bench-out

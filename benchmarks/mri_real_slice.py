@@ -66,7 +66,8 @@ def train_varnet(overrides: list[str], run_root: Path) -> tuple[Path, float]:
     from podium.config import compose
     from podium.engine import session
 
-    cfg = compose(["experiment=varnet_sim2real", "tracking=none", f"run.root={run_root}", *overrides])
+    cfg = compose(["experiment=varnet_sim2real", "tracking=none", f"run.root={run_root}",
+                   f"data.real_test=[{SLICE}]", *overrides])
     start = time.perf_counter()
     run_dir, _ = session.train(cfg, Console(stderr=True))
     return run_dir, time.perf_counter() - start
@@ -133,7 +134,9 @@ def main() -> None:
     result["figures"] = figures
     result["goal"] = {"ssim_acc4": 0.82, "ssim_acc8": 0.78}
     print_table("real ESPIRiT slice (fastMRI SSIM, LS-scaled)", ["accel", "method", "SSIM", "PSNR"], rows)
-    _plot(recons, reference, REPO / "bench-out" / "mri_real_slice.png")
+    plot = args.json.with_suffix(".png") if args.json else REPO / "bench-out" / "mri_real_slice.png"
+    _plot(recons, reference, plot)
+    result["plot"] = str(plot)
     write_json(args.json, result)
 
 

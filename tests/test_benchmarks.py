@@ -54,3 +54,38 @@ def test_trainer_overhead_quick_writes_json(tmp_path):
     for key in ("defaults_samples_per_s", "workers0_samples_per_s", "ratio"):
         assert _positive(loading[key]), (key, loading[key])
     assert isinstance(loading["num_workers_default"], int) and loading["num_workers_default"] >= 0
+
+
+MRI_SLICE = (BENCHMARKS.parent / ".." / "shared" / "data" / "mri" / "espirit_brain_8ch.mat").resolve()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not MRI_SLICE.exists(), reason="../shared/data/mri not present")
+def test_mri_real_slice_quick_writes_every_method(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "mri_real_slice.py"), "--quick", "--json", str(out),
+         "--run-root", str(tmp_path / "runs"), "--override", f"data.cache_dir={tmp_path / 'cache'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(out.read_text())["figures"]
+    for method in ("zero_filled", "grappa", "sense_one_map", "varnet_simulated"):
+        for acc in (4, 8):
+            assert 0 < figures[f"{method}_acc{acc}"]["ssim"] <= 1
+    # the protocol's floor, as ../shared/reference.md measured it
+    assert abs(figures["zero_filled_acc4"]["ssim"] - 0.737) < 0.002
+    assert abs(figures["zero_filled_acc8"]["ssim"] - 0.699) < 0.002
+
+
+@pytest.mark.slow
+def test_varnet_memory_quick_writes_ratios(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "varnet_memory.py"), "--quick", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    for variant in ("plain", "checkpointing"):
+        assert _positive(data["figures"][variant]["step_s"])
+    assert _positive(data["time_ratio"]) and data["memory_ratio"] >= 0

@@ -64,12 +64,15 @@ class SimulatedSlice:
 
 # ---- sources of real MR images ---------------------------------------------------------------
 def _nilearn_volume(name: str) -> np.ndarray:
-    try:
-        import nibabel as nib
-        import nilearn
-    except ImportError as e:  # pragma: no cover - both are dependencies
-        raise UserError(f"simulating from the MNI template needs nilearn and nibabel ({e}).") from e
-    path = Path(nilearn.__file__).parent / "datasets" / "data" / name
+    import importlib.util
+
+    import nibabel as nib
+
+    # only the files inside nilearn's wheel are needed: locate them without importing nilearn
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("simulating from the MNI template needs nilearn (pip install nilearn).")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
     if not path.exists():
         raise UserError(f"{path}: the MNI template is missing from this nilearn install.")
     return np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
