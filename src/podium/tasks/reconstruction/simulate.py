@@ -48,7 +48,7 @@ class SimulationParams:
     rotation_deg: float = 10.0
     phase_band: tuple[float, float] = (0.6, 0.75)  # fraction of phase columns acquired (rest zero)
     noise_ratio: tuple[float, float] = (0.01, 0.02)  # k-space noise std / max of the RSS image
-    coil_radius: tuple[float, float] = (1.0, 1.3)  # coil ellipse radius, in half-canvas units
+    coil_radius: tuple[float, float] = (1.2, 1.7)  # coil ellipse radius, in half-canvas units
     bias_strength: float = 0.3
     gamma: tuple[float, float] = (0.8, 1.25)  # contrast variation of the source image
     add_scalp: bool = True  # skull-stripped sources (the MNI template) get CSF, skull, fat, skin
@@ -166,8 +166,8 @@ def coil_maps(num_coils: int, shape: tuple[int, int], rng: np.random.Generator,
               radius: float = 1.15) -> np.ndarray:
     """Surface-coil sensitivities on an elliptical array around the object.
 
-    Magnitude falls off like a small loop's field, ((d / r0)^2 + 1)^(-3/2) with d the distance
-    to the coil; the phase turns with the coil's angle and drifts smoothly across the image.
+    Magnitude falls off like a loop's field, ((d / r0)^2 + 1)^(-3/2) with d the distance to the
+    coil; the phase is an offset plus linear ramps (up to about a cycle across the image).
     Maps are returned unnormalised (their RSS is not 1): the shading they cause is real."""
     h, w = shape
     y, x = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-w / h, w / h, w) * 1.0, indexing="ij")
@@ -179,9 +179,11 @@ def coil_maps(num_coils: int, shape: tuple[int, int], rng: np.random.Generator,
         d2 = (y - cy) ** 2 + (x - cx) ** 2
         # broad loops: a head coil's elements each see about half the head (as in the ESPIRiT
         # scan's maps); narrow maps would make unfolding easier than on real data
-        r0 = rng.uniform(0.7, 1.3)
+        r0 = rng.uniform(0.9, 1.6)
         magnitude = (d2 / r0**2 + 1.0) ** -1.5
-        phase = angle + rng.uniform(-0.5, 0.5) * (x * np.cos(angle) + y * np.sin(angle))
+        # receive phase: an offset plus ramps of up to about one cycle across the FOV, mostly
+        # along the phase-encode direction (what the ESPIRiT scan's calibration shows)
+        phase = angle + rng.uniform(-3, 3) * x + rng.uniform(-1.5, 1.5) * y
         maps[c] = magnitude * np.exp(1j * phase)
     return maps
 
@@ -275,7 +277,7 @@ def simulate_slice(image: np.ndarray, params: SimulationParams, rng: np.random.G
     h, w = params.shape
     canvas = place_on_canvas(image, params, rng)
     bias = np.exp(smooth_field(canvas.shape, rng, params.bias_strength))
-    phase = smooth_field(canvas.shape, rng, np.pi, cutoff=2)
+    phase = smooth_field(canvas.shape, rng, rng.uniform(0, np.pi / 2), cutoff=2)  # B0 / object phase
     obj = canvas * bias * np.exp(1j * phase)
     maps = coil_maps(params.num_coils, canvas.shape, rng, rng.uniform(*params.coil_radius))
     coil_images = fold(maps * obj[None], w)
