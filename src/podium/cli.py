@@ -169,6 +169,33 @@ def predict(
 
 @app.command()
 @handle_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder made by `podium train`."),
+    format: str = typer.Option("onnx", "--format", help="onnx | torchscript | triton"),
+    out: Path = typer.Option(..., "--out", help="Output folder (triton: the model repository)."),
+    checkpoint: str = typer.Option("best", help="best | last"),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    max_batch_size: int = typer.Option(8, help="triton: max_batch_size."),
+    max_queue_delay_us: int = typer.Option(5000, help="triton: dynamic_batching max_queue_delay_microseconds."),
+    instances: int = typer.Option(1, help="triton: instance_group count."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export."),
+):
+    """Export a run's model with its pre/post-processing spec (preprocess.json).
+
+    Example: podium export runs/20261124-101500-digits --format triton --out model_repository
+    """
+    from podium.engine.runs import existing_run_dir
+    from podium.serve.export import export_run
+
+    console = _console()
+    path = export_run(existing_run_dir(run_dir), format, out, checkpoint=checkpoint, opset=opset,
+                      max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                      instances=instances, overwrite=overwrite, console=console)
+    console.print(f"exported ({format}): {path}")
+
+
+@app.command()
+@handle_errors
 def doctor(
     overrides: List[str] = typer.Argument(None, help="Config overrides naming the dataset to time."),
     batches: int = typer.Option(20, help="Batches to time per num_workers value."),

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
@@ -26,7 +27,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def _decode(path: Path, channels: int) -> Image.Image:
+def _decode(path, channels: int) -> Image.Image:
+    """`path`: a file path or a binary file object (an uploaded image)."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)  # phone photos: honour the orientation tag
         if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -55,3 +57,22 @@ def load_image(path: str | os.PathLike, channels: int) -> tv_tensors.Image:
     return tv_tensors.Image(TF.pil_to_tensor(img))
 
 
+
+
+def decode_image_bytes(data: bytes, channels: int, name: str = "request", max_pixels: int = 50_000_000) -> torch.Tensor:
+    """Decode encoded image bytes (an upload) exactly as `load_image` decodes a file: a uint8
+    `channels` x H x W tensor. Non-image bytes, a truncated file or an image larger than
+    `max_pixels` (a decompression bomb) raise UserError naming `name`."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+        if width * height > max_pixels:
+            raise UserError(f"{name}: image of {width} x {height} pixels exceeds the limit of {max_pixels}.")
+        img = _decode(io.BytesIO(data), channels)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise UserError(f"{name}: cannot read image: {str(e) or type(e).__name__}") from None
+    return TF.pil_to_tensor(img)

@@ -123,3 +123,28 @@ class Task:
     def example_input(self) -> torch.Tensor | None:
         """A batch that exercises the model (export, doctor, benchmarks)."""
         return None
+
+    # ---- serving (`podium export`, `podium serve`) -----------------------------------------
+    # One preprocessing path for eval, predict and serving: a decoded image goes through
+    # `serving_preprocess` into the exported graph (`serving_module`), whose raw outputs
+    # `serving_postprocess` turns into the task's natural answer.
+    def serving_module(self, model: nn.Module) -> nn.Module:
+        """The exportable graph: a float32 batch (B, C, H, W) -> one tensor per sample row
+        (class probabilities, landmark points in input pixels, ...)."""
+        raise NotImplementedError(f"the {type(self).__name__} does not support serving yet")
+
+    def serving_spec(self) -> dict:
+        """JSON-able pre/post-processing description written next to an exported model, so a
+        client can reproduce them: {"task", "input": {"channels", "height", "width", "dtype"},
+        "preprocess": [steps], "output": {"name", "kind", ...}}."""
+        raise NotImplementedError(f"the {type(self).__name__} does not support serving yet")
+
+    def serving_preprocess(self, image: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """A decoded uint8 image (C, H, W) -> the float32 network input (C, H', W') and the
+        metadata `serving_postprocess` needs (e.g. the letterbox); UserError when the image
+        cannot be used (wrong channel count...)."""
+        raise NotImplementedError(f"the {type(self).__name__} does not support serving yet")
+
+    def serving_postprocess(self, output: torch.Tensor, meta: dict) -> dict:
+        """One sample's row of the graph's output -> a JSON-able answer."""
+        raise NotImplementedError(f"the {type(self).__name__} does not support serving yet")

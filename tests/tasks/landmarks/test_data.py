@@ -603,3 +603,19 @@ def test_prepare_image_matches_the_eval_items(tmp_path):
 
 def test_synthetic_module_is_exported():
     assert callable(synthetic.synthetic_landmarks) and math.isclose(SyntheticLandmarksConfig().spacing, 0.1)
+
+
+def test_prepare_decoded_equals_prepare_image(tmp_path):
+    """A served upload (decoded bytes) goes through the same pipeline as a predicted file."""
+    from podium.common.images import decode_image_bytes
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 255, (50, 37), dtype=np.uint8)).save(path)
+    cfg = {"image_size": [32, 24], "channels": 1, "mean": [0.5], "std": [0.25]}
+    from_file, lb_file = data.prepare_image(path, cfg)
+    from_bytes, lb_bytes = data.prepare_decoded(decode_image_bytes(path.read_bytes(), 1), cfg)
+    assert torch.equal(from_file, from_bytes)
+    assert lb_file == lb_bytes
+    with pytest.raises(UserError, match="expects uint8"):
+        data.prepare_decoded(torch.zeros(3, 10, 10, dtype=torch.uint8), cfg)

@@ -148,3 +148,47 @@ class ClassificationTask(Task):
     def example_input(self):
         image, _ = self.build_datasets()["val"][0]
         return image.unsqueeze(0)
+
+    # ---- serving: the eval transform of the data config, softmax inside the exported graph
+    def serving_module(self, model):
+        return SoftmaxOutput(model)
+
+    def serving_spec(self) -> dict:
+        c = cls_data._as_config(self.cfg.data, cls_data.ImageDataConfig)
+        mean, std = cls_data._check_common(c)
+        return {"task": "classification",
+                "input": {"name": "image", "channels": c.channels, "height": c.image_size,
+                          "width": c.image_size, "dtype": "float32", "layout": "NCHW"},
+                "preprocess": [
+                    {"op": "decode", "mode": "L" if c.channels == 1 else "RGB", "alpha": "composite on white"},
+                    {"op": "resize", "size": [c.image_size, c.image_size], "interpolation": "bilinear",
+                     "antialias": True},
+                    {"op": "scale", "factor": 1 / 255},
+                    {"op": "normalize", "mean": list(mean), "std": list(std)}],
+                "output": {"name": "probabilities", "kind": "class_probabilities", "classes": self.classes}}
+
+    def serving_preprocess(self, image):
+        channels = int(self.cfg.data.channels)
+        if image.ndim != 3 or image.shape[0] != channels:
+            raise UserError(f"image has shape {tuple(image.shape)}; the model expects {channels} channel(s) "
+                            f"as (C, H, W) with C = {channels}.")
+        transform = cls_data.build_transform(self.cfg.data, train=False)
+        from torchvision import tv_tensors
+
+        return transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), {}
+
+    def serving_postprocess(self, output, meta):
+        probs = [float(p) for p in output]
+        classes = self.classes
+        return {"label": classes[int(np.argmax(probs))], "probabilities": dict(zip(classes, probs))}
+
+
+class SoftmaxOutput(torch.nn.Module):
+    """logits -> class probabilities, so an exported model answers what `podium predict` writes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return F.softmax(self.model(image).float(), dim=1)

@@ -106,11 +106,8 @@ def load_letterboxed(
     return t, lb
 
 
-def prepare_image(path: str | Path, cfg: Any) -> tuple[torch.Tensor, Letterbox]:
-    """A raw file through exactly the eval pipeline of the datasets built from `cfg` (a data
-    config of any landmark dataset: image_size, channels, mean, std are read, the rest ignored):
-    float32 normalised (C, H, W) tensor and its Letterbox (map predictions back with
-    `letterbox.inverse` or `points_to_original`). No cache: predictions run on new files."""
+def _common_config(cfg: Any) -> LandmarkDataConfig:
+    """The fields every landmark data config shares (image_size, channels, mean, std)."""
     common = {f.name for f in fields(LandmarkDataConfig)} - {"name", "augment", "cache_dir"}
     if isinstance(cfg, Mapping) or hasattr(cfg, "keys"):
         values = {k: plain(cfg[k]) for k in common if k in cfg}
@@ -118,10 +115,37 @@ def prepare_image(path: str | Path, cfg: Any) -> tuple[torch.Tensor, Letterbox]:
         values = {k: plain(getattr(cfg, k)) for k in common if hasattr(cfg, k)}
     c = LandmarkDataConfig(**values)
     check_common(c)
-    raw, lb = load_letterboxed(path, c.image_size, c.channels)
+    return c
+
+
+def _normalise(raw: torch.Tensor, c: LandmarkDataConfig) -> torch.Tensor:
     image = v2.ToDtype(torch.float32, scale=True)(tv_tensors.Image(raw))
     mean, std = _norm_stats(c.mean, c.channels, "mean"), _norm_stats(c.std, c.channels, "std")
-    return v2.Normalize(mean, std)(image).as_subclass(torch.Tensor), lb
+    return v2.Normalize(mean, std)(image).as_subclass(torch.Tensor)
+
+
+def prepare_image(path: str | Path, cfg: Any) -> tuple[torch.Tensor, Letterbox]:
+    """A raw file through exactly the eval pipeline of the datasets built from `cfg` (a data
+    config of any landmark dataset: image_size, channels, mean, std are read, the rest ignored):
+    float32 normalised (C, H, W) tensor and its Letterbox (map predictions back with
+    `letterbox.inverse` or `points_to_original`). No cache: predictions run on new files."""
+    c = _common_config(cfg)
+    raw, lb = load_letterboxed(path, c.image_size, c.channels)
+    return _normalise(raw, c), lb
+
+
+def prepare_decoded(image: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, Letterbox]:
+    """`prepare_image` for an already decoded uint8 (C, H, W) image (a served upload)."""
+    c = _common_config(cfg)
+    if image.ndim != 3 or image.shape[0] != c.channels or image.dtype != torch.uint8:
+        raise UserError(f"image has shape {tuple(image.shape)} ({image.dtype}); the model expects uint8 "
+                        f"(C, H, W) with C = {c.channels}.")
+    arr = image.as_subclass(torch.Tensor).numpy()
+    arr = arr[0] if c.channels == 1 else np.moveaxis(arr, 0, -1)
+    boxed, lb = letterbox(np.ascontiguousarray(arr), int(c.image_size[0]), int(c.image_size[1]))
+    raw = torch.from_numpy(np.ascontiguousarray(boxed))
+    raw = raw.unsqueeze(0) if raw.ndim == 2 else raw.permute(2, 0, 1).contiguous()
+    return _normalise(raw, c), lb
 
 
 def _norm_stats(values: Sequence[float] | float, channels: int, key: str) -> list[float]:

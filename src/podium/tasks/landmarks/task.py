@@ -228,3 +228,54 @@ class LandmarkTask(Task):
 
     def example_input(self):
         return self.build_datasets()["val"][0]["image"].unsqueeze(0)
+
+    # ---- serving: points decoded inside the graph, mapped back through the letterbox after
+    def serving_module(self, model):
+        return LandmarkPointsOutput(self, model)
+
+    def serving_spec(self) -> dict:
+        c = self.cfg.data
+        channels = int(c.channels)
+        mean = list(c.mean) * (channels if len(c.mean) == 1 else 1)
+        std = list(c.std) * (channels if len(c.std) == 1 else 1)
+        return {"task": "landmarks",
+                "input": {"name": "image", "channels": channels, "height": int(c.image_size[0]),
+                          "width": int(c.image_size[1]), "dtype": "float32", "layout": "NCHW"},
+                "preprocess": [
+                    {"op": "decode", "mode": "L" if channels == 1 else "RGB"},
+                    {"op": "letterbox", "size": [int(c.image_size[0]), int(c.image_size[1])],
+                     "align": "top-left", "pad": 0, "interpolation": "bilinear, antialiased",
+                     "scale": "min(height / orig_h, width / orig_w)"},
+                    {"op": "scale", "factor": 1 / 255},
+                    {"op": "normalize", "mean": [float(m) for m in mean], "std": [float(s) for s in std]}],
+                "output": {"name": "points", "kind": "landmarks", "shape": ["batch", self.train_set.num_landmarks, 2],
+                           "units": "input pixels (x, y), pixel centres at integers",
+                           "to_original": "(p - pad + 0.5) / scale - 0.5",
+                           "names": list(self.train_set.landmark_names),
+                           "spacing_mm": float(getattr(c, "spacing", 1.0))}}
+
+    def serving_preprocess(self, image):
+        from podium.tasks.landmarks.data import prepare_decoded
+
+        tensor, letterbox = prepare_decoded(image, self.cfg.data)
+        return tensor, {"letterbox": letterbox}
+
+    def serving_postprocess(self, output, meta):
+        points = meta["letterbox"].inverse(np.asarray(output, dtype=np.float64))
+        spacing = float(getattr(self.cfg.data, "spacing", 1.0))
+        return {"landmarks": [{"name": n, "x_px": round(float(x), 2), "y_px": round(float(y), 2),
+                               "x_mm": round(float(x) * spacing, 3), "y_mm": round(float(y) * spacing, 3)}
+                              for n, (x, y) in zip(self.train_set.landmark_names, points)],
+                "spacing_mm": spacing}
+
+
+class LandmarkPointsOutput(torch.nn.Module):
+    """image batch -> (B, K, 2) points in input pixels, decoded as `podium eval` decodes them
+    (without test-time augmentation), so the exported graph answers in coordinates."""
+
+    def __init__(self, task: "LandmarkTask", model):
+        super().__init__()
+        self.task, self.model = task, model
+
+    def forward(self, image):
+        return self.task._points_once(self.model, image)

@@ -1,0 +1,1 @@
+"""Serving: export a run to ONNX / TorchScript / a Triton model repository, and serve it."""
