@@ -196,6 +196,33 @@ def export(
 
 @app.command()
 @handle_errors
+def serve(
+    run_dir: Path = typer.Argument(..., help="A run folder made by `podium train`."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime | torch"),
+    max_batch_size: int = typer.Option(8, help="Dynamic batching: largest batch (1 turns it off)."),
+    batch_timeout: float = typer.Option(0.01, help="Seconds a batch waits to fill."),
+    host: str = typer.Option("127.0.0.1", help="127.0.0.1 (loopback, default) | 0.0.0.0 | ::"),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_request_mb: float = typer.Option(10.0, help="Largest request body, MiB."),
+    checkpoint: str = typer.Option("best", help="best | last | a path to a .pt file"),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads of the backend."),
+):
+    """Serve a run over HTTP (LitServe): POST /predict with an image, GET /health, GET /info.
+
+    Example: podium serve runs/20261124-101500-digits --max-batch-size 8 --port 8000
+    """
+    from podium.engine.runs import existing_run_dir
+    from podium.serve.server import ServeConfig
+    from podium.serve.server import serve as run_server
+
+    config = ServeConfig(backend=backend, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                         host=host, port=port, max_request_bytes=int(max_request_mb * 2**20),
+                         checkpoint=checkpoint, threads=threads)
+    run_server(existing_run_dir(run_dir), config)
+
+
+@app.command()
+@handle_errors
 def doctor(
     overrides: List[str] = typer.Argument(None, help="Config overrides naming the dataset to time."),
     batches: int = typer.Option(20, help="Batches to time per num_workers value."),
