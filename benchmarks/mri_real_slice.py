@@ -78,11 +78,11 @@ def varnet_reconstructions(run_dir: Path, kspace: np.ndarray) -> dict[int, np.nd
     import torch
     from rich.console import Console
 
-    from podium.engine.session import _trainer_for_run
+    from podium.engine.session import trainer_for_run
     from podium.tasks.reconstruction.data import make_sample
     from podium.tasks.reconstruction.masks import SNUMask
 
-    trainer, _ = _trainer_for_run(run_dir, [], Console(stderr=True), "best")
+    trainer, _ = trainer_for_run(run_dir, [], Console(stderr=True), "best")
     model = trainer.eval_model().eval()
     out = {}
     for acc in ACCELERATIONS:

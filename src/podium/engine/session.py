@@ -126,7 +126,9 @@ def train(cfg, console: Console, resume_dir: Path | None = None) -> tuple[Path, 
     return run_dir, metrics
 
 
-def _trainer_for_run(run_dir: Path, overrides: list[str], console: Console, checkpoint: str):
+def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, checkpoint: str):
+    """A Trainer set up for inference on a finished run (its config, one device, the
+    checkpoint's weights and EMA): what eval, predict, export and serve share."""
     from podium.config import load_run_config
     from podium.engine import checkpoint as ckpt
     from podium.engine.trainer import Trainer, _unwrap
@@ -152,7 +154,7 @@ def evaluate(run_dir: Path, overrides: list[str], console: Console, checkpoint: 
              splits: list[str] | None = None, out: Path | None = None) -> tuple[dict, Path]:
     from podium.engine.trainer import evaluate_splits
 
-    trainer, path = _trainer_for_run(run_dir, overrides, console, checkpoint)
+    trainer, path = trainer_for_run(run_dir, overrides, console, checkpoint)
     metrics = evaluate_splits(trainer, splits)
     out = out or run_dir / f"eval-{path.stem}.json"
     write_json(out, metrics)
@@ -161,7 +163,7 @@ def evaluate(run_dir: Path, overrides: list[str], console: Console, checkpoint: 
 
 def predict(run_dir: Path, inputs: list[Path], out: Path, console: Console, checkpoint: str = "best",
             overrides: list[str] | None = None) -> Path:
-    trainer, _ = _trainer_for_run(run_dir, overrides or [], console, checkpoint)
+    trainer, _ = trainer_for_run(run_dir, overrides or [], console, checkpoint)
     files = expand_inputs(inputs)
     model = trainer.eval_model()
     model.eval()

@@ -76,7 +76,7 @@ def load_serving_module(run_dir, checkpoint: str = "best", console=None):
     """(task, module): the run's task and its `serving_module` on CPU in float32, eval mode."""
     from rich.console import Console
 
-    from podium.engine.session import _trainer_for_run
+    from podium.engine.session import trainer_for_run
     from podium.engine.trainer import _unwrap
 
     run_dir = Path(run_dir)
@@ -85,7 +85,7 @@ def load_serving_module(run_dir, checkpoint: str = "best", console=None):
     path = _checkpoint_path(run_dir, checkpoint)
     # Exports are traced on CPU in float32 whatever the run trained on (a GPU, bf16).
     overrides = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-    trainer, _ = _trainer_for_run(run_dir, overrides, console or Console(stderr=True), str(path))
+    trainer, _ = trainer_for_run(run_dir, overrides, console or Console(stderr=True), str(path))
     task = trainer.task
     try:
         module = task.serving_module(_unwrap(trainer.eval_model()))

@@ -328,9 +328,9 @@ def load_backend(run_dir: Path, config: ServeConfig) -> tuple[Task, Callable[[np
 
     console = Console(stderr=True)
     if config.backend == "torch":
-        from podium.engine.session import _trainer_for_run
+        from podium.engine.session import trainer_for_run
 
-        trainer, _ = _trainer_for_run(run_dir, [], console, config.checkpoint)
+        trainer, _ = trainer_for_run(run_dir, [], console, config.checkpoint)
         module = trainer.task.serving_module(trainer.eval_model()).eval()
         device = trainer.fabric.device
         if config.threads:  # the trainer's setup may have lowered them
