@@ -119,6 +119,56 @@ def train(
                       f"MLflow UI:  podium ui --root {cfg.run.root}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def pretrain(
+    overrides: List[str] = typer.Argument(None, help="Hydra overrides, e.g. data.root=DIR task.method=simclr"),
+    show_config: bool = typer.Option(False, "--cfg", help="Print the composed config and exit."),
+):
+    """Pretrain a segmentation encoder on unlabelled images (MoCo v2, or task.method=simclr)
+    and write RUN_DIR/encoder.pt for `model.encoder_weights`.
+
+    `podium train` with task=moco; without experiment=..., experiment=drive_moco is used.
+
+    Example: podium pretrain experiment=moco_synthetic trainer.max_epochs=2
+
+    Own images: podium pretrain data.root=DIR 'data.patterns=[*.png]' model.backbone=resnet34
+
+    Continue an interrupted run: podium pretrain resume=runs/x
+    """
+    from omegaconf import OmegaConf
+
+    from podium.config import compose, load_run_config
+    from podium.engine import session
+    from podium.engine.runs import existing_run_dir
+    from podium.errors import UserError
+    from podium.tasks.segmentation.pretrain import export_encoder
+
+    console = _console()
+    resume, rest = _split_resume(overrides or [])
+    if resume:
+        run_dir = existing_run_dir(resume)
+        cfg = load_run_config(run_dir, rest)
+    else:
+        if not any(o.lstrip("+~").startswith("experiment=") for o in rest):
+            rest = ["experiment=drive_moco", *rest]
+        run_dir, cfg = None, compose(rest)
+    if cfg.task.name != "moco":
+        raise UserError(f"podium pretrain runs task=moco (self-supervised pretraining), got "
+                        f"task={cfg.task.name}; use `podium train` for supervised tasks.")
+    if show_config:
+        console.print(OmegaConf.to_yaml(cfg), highlight=False)
+        return
+    out_dir, metrics = session.train(cfg, console, resume_dir=run_dir)
+    if _is_rank_zero():
+        path = export_encoder(out_dir, cfg.task.export_checkpoint)
+        console.print(session.metrics_table(metrics, f"{cfg.name}: final metrics (best checkpoint)"))
+        console.print(f"run folder: {out_dir}\nencoder ({cfg.model.backbone}, "
+                      f"{cfg.task.export_checkpoint} checkpoint): {path}\n"
+                      f"use it:     podium train ... model.encoder={cfg.model.backbone} "
+                      f"model.encoder_weights={path}", highlight=False, soft_wrap=True)
+
+
 def _is_rank_zero() -> bool:
     import os
 

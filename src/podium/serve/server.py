@@ -377,7 +377,8 @@ def build_server(run_dir: str | os.PathLike, config: ServeConfig | None = None) 
                           workers_per_device=config.workers_per_device,
                           model_metadata={"run_dir": str(run_dir.resolve()), "backend": config.backend,
                                           "serving_spec": spec, "config": asdict(config)})
-    server.app.state.podium_reader = RequestReader(task, int(spec["input"]["channels"]),
+    decode_channels = int(spec.get("decode", {}).get("channels", spec["input"]["channels"]))
+    server.app.state.podium_reader = RequestReader(task, decode_channels,
                                                    config.max_request_bytes, config.max_pixels)
     server.app.add_exception_handler(StarletteHTTPException, json_error)
     server.app.add_exception_handler(Exception, json_internal_error)
