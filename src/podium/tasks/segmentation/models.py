@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from podium.common.unet import build_unet, load_local_weights
@@ -86,7 +87,7 @@ class SegmentationUNet(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h, w = x.shape[-2:]
-        if h % self.divisor or w % self.divisor:
+        if not torch.jit.is_tracing() and (h % self.divisor or w % self.divisor):  # export traces fixed sizes
             raise ValueError(f"input {h}x{w} is not divisible by {self.divisor} (2**encoder_depth)")
         features = self.unet.encoder(x)
         out = {"logits": self.unet.segmentation_head(self.unet.decoder(features))}
