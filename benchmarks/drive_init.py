@@ -21,7 +21,6 @@ of each part. Skips cleanly (JSON says why) when ../shared/data/drive is absent.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,18 @@ def podium(args: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "podium", *args], check=True, cwd=REPO)
     return time.perf_counter() - start
+
+
+def train(overrides: list[str]) -> tuple[dict, float]:
+    """One fine-tuning run in this process (the same code path as `podium train`)."""
+    from rich.console import Console
+
+    from podium.config import compose
+    from podium.engine import session
+
+    start = time.perf_counter()
+    _, metrics = session.train(compose(overrides), Console(stderr=True))
+    return metrics, time.perf_counter() - start
 
 
 def non_test_folder(root: Path, run_dir: Path) -> tuple[Path, list[str]]:
@@ -83,12 +94,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = [f"data.root={DATA}", "tracking=none", f"seed={args.seed}", "trainer.progress_bar=false"]
     epochs, pre_epochs = (1, 2) if args.quick else (args.epochs, args.pretrain_epochs)
-    quick = ["data.patches_per_image=4", "data.max_images=4"] if args.quick else []
+    quick = ["data.patches_per_image=2", "data.max_images=2"] if args.quick else []
 
     folder, images = non_test_folder(DATA, out / "split")
-    pre_dir = out / "moco"
+    pre_dir = out / "pretrain"
     # CPU-sized MoCo: the fine-tuning encoder (resnet10t), 96 x 96 crops like the patches
-    pretrain = ["model.backbone=resnet10t", "data.crop_size=[96,96]", "trainer.batch_size=32", "data.val_count=2"]
+    pretrain = ["model.backbone=resnet10t", "data.crop_size=[96,96]", "trainer.batch_size=32", "data.val_count=2",
+                *(["data.repeats=2"] if args.quick else [])]
     result["pretrain"] = {"images": images, "epochs": pre_epochs, "overrides": pretrain,
                           "wall_s": podium(["pretrain", "experiment=drive_moco", *common, f"data.root={folder}",
                                             *pretrain, f"trainer.max_epochs={pre_epochs}", f"run.dir={pre_dir}"])}
@@ -96,11 +108,11 @@ def main() -> None:
     result["variants"] = {}
     for name, overrides in VARIANTS.items():
         run_dir = out / name.replace("+", "_")
-        wall = podium(["train", "experiment=drive_unet", *common, *quick, f"trainer.max_epochs={epochs}",
-                       *[o.format(encoder=encoder) for o in overrides], f"run.dir={run_dir}"])
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        result["variants"][name] = {"overrides": [o.format(encoder=encoder) for o in overrides], "wall_s": wall,
-                                    "epochs": epochs, **{k: metrics[k] for k in metrics if k.startswith(("test/", "val/"))}}
+        applied = [o.format(encoder=encoder) for o in overrides]
+        metrics, wall = train(["experiment=drive_unet", *common, *quick, f"trainer.max_epochs={epochs}", *applied,
+                               f"run.dir={run_dir}"])
+        result["variants"][name] = {"overrides": applied, "wall_s": wall, "epochs": epochs,
+                                    **{k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))}}
 
     rows = [(name, f"{v.get('test/dice', float('nan')):.4f}", f"{v.get('test/auc_roc', float('nan')):.4f}",
              f"{v.get('test/aupr', float('nan')):.4f}", f"{v['wall_s'] / 60:.1f} min")

@@ -89,3 +89,24 @@ def test_varnet_memory_quick_writes_ratios(tmp_path):
     for variant in ("plain", "checkpointing"):
         assert _positive(data["figures"][variant]["step_s"])
     assert _positive(data["time_ratio"]) and data["memory_ratio"] >= 0
+
+
+DRIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "drive" / "training"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not DRIVE.is_dir(), reason="../shared/data/drive is absent")
+def test_drive_init_quick_writes_every_variant(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "drive_init.py"), "--quick", "--json", str(out),
+                           "--out-dir", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert set(data["variants"]) == {"random", "random+recon", "moco", "moco+recon"}
+    assert len(data["pretrain"]["images"]) == 15  # the non-test images only
+    for variant in data["variants"].values():
+        for metric in ("test/dice", "test/auc_roc", "test/aupr"):
+            assert 0.0 <= variant[metric] <= 1.0
+    assert (tmp_path / "runs" / "pretrain" / "encoder.pt").is_file()
