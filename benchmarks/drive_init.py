@@ -76,7 +76,7 @@ def non_test_folder(root: Path, run_dir: Path) -> tuple[Path, list[str]]:
 
 def main() -> None:
     parser = make_parser(__doc__)
-    parser.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs per variant")
+    parser.add_argument("--epochs", type=int, default=40, help="fine-tuning epochs per variant")
     parser.add_argument("--pretrain-epochs", type=int, default=40, help="MoCo pretraining epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the runs here")
