@@ -82,6 +82,21 @@ def _split_resume(overrides: list[str]) -> tuple[Optional[str], list[str]]:
     return resume, rest
 
 
+def _run_config(overrides: Optional[List[str]], default_experiment: Optional[str] = None):
+    """(run_dir, cfg): the stored config of `resume=RUN` (plus overrides), or a new composition
+    (with `experiment=default_experiment` unless the overrides name one)."""
+    from podium.config import compose, load_run_config
+    from podium.engine.runs import existing_run_dir
+
+    resume, rest = _split_resume(overrides or [])
+    if resume:
+        run_dir = existing_run_dir(resume)
+        return run_dir, load_run_config(run_dir, rest)
+    if default_experiment and not any(o.lstrip("+~").startswith("experiment=") for o in rest):
+        rest = [f"experiment={default_experiment}", *rest]
+    return None, compose(rest)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handle_errors
 def train(
@@ -98,17 +113,10 @@ def train(
     """
     from omegaconf import OmegaConf
 
-    from podium.config import compose, load_run_config
     from podium.engine import session
-    from podium.engine.runs import existing_run_dir
 
     console = _console()
-    resume, rest = _split_resume(overrides or [])
-    if resume:
-        run_dir = existing_run_dir(resume)
-        cfg = load_run_config(run_dir, rest)
-    else:
-        run_dir, cfg = None, compose(rest)
+    run_dir, cfg = _run_config(overrides)
     if show_config:
         console.print(OmegaConf.to_yaml(cfg), highlight=False)
         return
@@ -138,21 +146,12 @@ def pretrain(
     """
     from omegaconf import OmegaConf
 
-    from podium.config import compose, load_run_config
     from podium.engine import session
-    from podium.engine.runs import existing_run_dir
     from podium.errors import UserError
     from podium.tasks.segmentation.pretrain import export_encoder
 
     console = _console()
-    resume, rest = _split_resume(overrides or [])
-    if resume:
-        run_dir = existing_run_dir(resume)
-        cfg = load_run_config(run_dir, rest)
-    else:
-        if not any(o.lstrip("+~").startswith("experiment=") for o in rest):
-            rest = ["experiment=drive_moco", *rest]
-        run_dir, cfg = None, compose(rest)
+    run_dir, cfg = _run_config(overrides, default_experiment="drive_moco")
     if cfg.task.name != "moco":
         raise UserError(f"podium pretrain runs task=moco (self-supervised pretraining), got "
                         f"task={cfg.task.name}; use `podium train` for supervised tasks.")
@@ -360,6 +359,7 @@ def ui(
 
 
 def _list(kind: str, pattern: str):
+    from rich.markup import escape
     from rich.table import Table
 
     from podium.engine import registry
@@ -369,7 +369,7 @@ def _list(kind: str, pattern: str):
     table.add_column("description")
     for entry in registry.entries(kind):
         if pattern == "*" or __import__("fnmatch").fnmatch(entry.name, pattern):
-            table.add_row(entry.name, entry.help)
+            table.add_row(entry.name, escape(entry.help))  # docstrings may hold [brackets]
     _console().print(table)
 
 
