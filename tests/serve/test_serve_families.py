@@ -118,3 +118,75 @@ def test_landmark_served_points_equal_predict(landmark_run, tmp_path):
                 assert point["x_px"] == pytest.approx(float(row[f"{name}_x_px"]), abs=0.02)
                 assert point["y_px"] == pytest.approx(float(row[f"{name}_y_px"]), abs=0.02)
                 assert point["x_mm"] == pytest.approx(float(row[f"{name}_x_mm"]), abs=0.005)
+
+
+# ---- reconstruction --------------------------------------------------------------------------
+
+
+def undersampled_kspace(c=4, h=48, w=40, shift=0.0) -> np.ndarray:
+    """An ellipse seen by c coils with phase ramps, every 4th column plus a 6-column centre."""
+    from podium.tasks.reconstruction.fft import fft2c_np
+
+    y, x = np.mgrid[:h, :w]
+    obj = (((y - h / 2 - shift) / 18) ** 2 + ((x - w / 2) / 15) ** 2 < 1).astype(np.complex64)
+    maps = np.stack([np.exp(1j * k + 0.03 * (x - 10 * k)) for k in range(c)])
+    mask = np.zeros(w, bool)
+    mask[::4] = True
+    mask[17:23] = True
+    return (fft2c_np(maps * obj) * mask).astype(np.complex64)
+
+
+@pytest.fixture(scope="module")
+def recon_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("recon-serve")
+    run_dir = tmp / "run"
+    train(["experiment=varnet_demo", "data.shape=[48,40]", "data.num_coils=4", "data.train_size=4",
+           "data.val_slices=2", "model.cascades=1", "model.chans=4", "model.sens_chans=2", "model.pools=2",
+           "model.sens_pools=2", f"data.cache_dir={tmp / 'cache'}", *FAST, f"run.dir={run_dir}"])
+    return run_dir
+
+
+@pytest.mark.slow
+def test_reconstruction_served_image_equals_predict(recon_run, tmp_path):
+    import h5py
+
+    from podium.errors import UserError
+
+    scans = {}
+    for i, shift in enumerate((0.0, 3.0)):
+        scans[f"scan{i}.npy"] = tmp_path / f"scan{i}.npy"
+        np.save(scans[f"scan{i}.npy"], undersampled_kspace(shift=shift))
+    out = predict(recon_run, list(scans.values()), tmp_path / "recon.h5")
+    # TorchScript exports (the FFTs have no ONNX opset-17 export: a clear error says so)
+    exported = export_run(recon_run, "torchscript", tmp_path / "ts")
+    assert (exported / "model.pt").is_file()
+    with pytest.raises(UserError, match="torchscript"):
+        export_run(recon_run, "onnx", tmp_path / "onnx")
+    with h5py.File(out) as f, ServerProcess(recon_run, ServeConfig(port=free_port(), threads=1, log_level="warning"),
+                                            env=CHILD_ENV) as server:
+        url = server.wait_until_healthy() + "/predict"
+        for name, path in scans.items():
+            response = requests.post(url, files={"image": (name, path.read_bytes())})
+            assert response.status_code == 200, response.text
+            image = np.load(io.BytesIO(base64.b64decode(response.json()["image_npy_base64"])))
+            expected = f[f"reconstruction/{name}"][0]
+            np.testing.assert_allclose(image, expected, atol=1e-5 * float(expected.max()))
+        # a .npz with an explicit mask answers like the bare array
+        packed = io.BytesIO()
+        np.savez(packed, kspace=undersampled_kspace(), mask=(np.abs(undersampled_kspace()).sum((0, 1)) > 0).astype(np.uint8))
+        response = requests.post(url, files={"image": ("scan.npz", packed.getvalue())})
+        assert response.status_code == 200, response.text
+        image = np.load(io.BytesIO(base64.b64decode(response.json()["image_npy_base64"])))
+        np.testing.assert_allclose(image, f["reconstruction/scan0.npy"][0], atol=1e-5 * float(image.max()))
+        # bad inputs: 4xx JSON errors, and the server keeps serving
+        real = io.BytesIO()
+        np.save(real, np.abs(undersampled_kspace()))
+        full = io.BytesIO()
+        np.save(full, np.ones((4, 48, 40), np.complex64))
+        for body, fragment in ((b"\x89PNG not k-space", "k-space"), (real.getvalue(), "complex"),
+                               (full.getvalue(), "undersampled")):
+            response = requests.post(url, files={"image": ("bad.npy", body)})
+            assert response.status_code == 422 and fragment in response.json()["error"], response.text
+        response = requests.post(url, json={"array": [[1, 2], [3, 4]]})
+        assert response.status_code == 422
+        assert requests.get(url.replace("/predict", "/health")).status_code == 200

@@ -145,6 +145,16 @@ class Task:
         cannot be used (wrong channel count...)."""
         raise NotImplementedError(f"the {type(self).__name__} does not support serving yet")
 
+    def serving_decode(self, data: bytes) -> Any:
+        """Non-image inputs (k-space files...): request bytes -> what `serving_preprocess` takes;
+        UserError for unusable bytes. None (the default) means "decode as an image". A task that
+        overrides it says so in its spec ("input": {"kind": ...}) and takes no JSON arrays."""
+        return None
+
+    def serving_example(self) -> torch.Tensor:
+        """One sample of the exported graph's input, with its batch axis (export traces it)."""
+        return self.example_input()
+
     def serving_postprocess(self, output: torch.Tensor, meta: dict) -> dict:
         """One sample's row of the graph's output -> a JSON-able answer."""
         raise NotImplementedError(f"the {type(self).__name__} does not support serving yet")

@@ -253,7 +253,10 @@ def export_run(run_dir, fmt: str, out_dir, checkpoint: str = "best", opset: int 
     spec = task.serving_spec()
     input_name = spec.get("input", {}).get("name", "image")
     output_name = spec["output"]["name"]
-    example = task.example_input().float().cpu()
+    if fmt != "torchscript" and spec.get("onnx", True) is False:
+        raise UserError(f"the {spec['task']} graph cannot be exported to ONNX ({spec.get('onnx_reason', 'unsupported ops')}); "
+                        f"use --format torchscript (podium serve runs it with --backend torch).")
+    example = task.serving_example().float().cpu()
     batch = example[:1].repeat(batch_size_hint, *[1] * (example.ndim - 1))
     with torch.no_grad():
         output_dims = list(module(batch).shape[1:])

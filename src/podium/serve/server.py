@@ -58,7 +58,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated
@@ -209,6 +209,8 @@ class RequestReader:
         if not isinstance(payload, dict) or ("image" in payload) == ("array" in payload):
             raise HTTPException(422, JSON_HELP)
         if "array" in payload:
+            if type(self.task).serving_decode is not Task.serving_decode:
+                raise HTTPException(422, '"array" is for images; this model takes a file (see GET /info)')
             return self.prepare(self.array_image(payload["array"]))
         text = payload["image"]
         if not isinstance(text, str):
@@ -223,6 +225,9 @@ class RequestReader:
 
     def from_bytes(self, data: bytes) -> Prepared:
         try:
+            decoded = self.task.serving_decode(data)  # non-image inputs (k-space), else None
+            if decoded is not None:
+                return self.prepare(decoded)
             image = decode_image_bytes(data, self.channels, name="image", max_pixels=self.max_pixels)
         except UserError as e:  # PIL names the buffer: "cannot identify image file <_io.BytesIO ...>"
             raise HTTPException(422, re.sub(r" <_io\.BytesIO object at \w+>", "", str(e))) from None
@@ -373,6 +378,10 @@ def build_server(run_dir: str | os.PathLike, config: ServeConfig | None = None) 
     if not checkpoint.is_file():
         raise UserError(f"checkpoint {checkpoint} does not exist (checkpoint: best, last or a .pt file).")
     spec = task.serving_spec()
+    if spec.get("onnx", True) is False and config.backend == "onnxruntime":
+        config = replace(config, backend="torch")  # e.g. FFTs: ONNX opset 17 has no export for them
+    if spec.get("batchable", True) is False:  # inputs of different shapes cannot be stacked
+        config = replace(config, max_batch_size=1)
     server = ls.LitServer(PodiumAPI(run_dir, config), accelerator="cpu", timeout=REQUEST_TIMEOUT_S,
                           workers_per_device=config.workers_per_device,
                           model_metadata={"run_dir": str(run_dir.resolve()), "backend": config.backend,

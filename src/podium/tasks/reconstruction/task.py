@@ -185,3 +185,32 @@ class ReconstructionTask(Task):
     def example_input(self):
         sample = self.build_datasets()["val"][0]
         return (sample["masked_kspace"][None], sample["mask"][None], sample["num_low_frequencies"][None])
+
+    # ---- serving: undersampled k-space in, image out (see serving.py)
+    def serving_decode(self, data: bytes):
+        from podium.tasks.reconstruction import serving
+
+        return serving.decode_kspace(data)
+
+    def serving_module(self, model):
+        from podium.tasks.reconstruction.serving import KspaceToImage
+
+        return KspaceToImage(model)
+
+    def serving_example(self):
+        return self.example_input()[0]
+
+    def serving_spec(self) -> dict:
+        from podium.tasks.reconstruction import serving
+
+        return serving.spec("root-sum-of-squares magnitude at the k-space's full size (as podium predict)")
+
+    def serving_preprocess(self, decoded):
+        from podium.tasks.reconstruction import serving
+
+        return serving.preprocess(decoded)
+
+    def serving_postprocess(self, output, meta):
+        from podium.tasks.reconstruction import serving
+
+        return serving.postprocess(output, meta)
