@@ -12,7 +12,8 @@ best-on-validation checkpoint. Four variants train with the same budget and seed
 - random:        U-Net (resnet10t encoder) from random init
 - random+recon:  the same with the auxiliary reconstruction decoder (task.recon_loss_weight)
 - moco:          the encoder initialised from MoCo v2 pretraining (`podium pretrain
-                 experiment=drive_moco`) on the 15 non-test images, without their labels
+                 experiment=drive_moco`) on the 15 non-test images, without their labels; an
+                 instance is a random 192 x 192 region, both 96 x 96 views are cut from it
 - moco+recon:    both
 
 Figures: test Dice (F1 at 0.5), pooled AUC-ROC and AUPR inside the field of view, the wall time
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=40, help="MoCo pretraining epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=None, help="keep the runs here")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--pretrain-override", action="append", default=[], help="extra podium pretrain override")
     args = parser.parse_args()
     result: dict = {"machine": machine_info(), "data": str(DATA),
                     "split": "drive_unet split_seed 0: 13 train / 2 val (carved from train) / 5 test",
@@ -99,14 +102,21 @@ def main() -> None:
     folder, images = non_test_folder(DATA, out / "split")
     pre_dir = out / "pretrain"
     # CPU-sized MoCo: the fine-tuning encoder (resnet10t), 96 x 96 crops like the patches
-    pretrain = ["model.backbone=resnet10t", "data.crop_size=[96,96]", "trainer.batch_size=32", "data.val_count=2",
-                *(["data.repeats=2"] if args.quick else [])]
+    pretrain = ["model.backbone=resnet10t", "data.crop_size=[96,96]", "data.instance_size=[192,192]",
+                "trainer.batch_size=32", "data.val_count=2",
+                *(["data.repeats=2"] if args.quick else []), *args.pretrain_override]
     result["pretrain"] = {"images": images, "epochs": pre_epochs, "overrides": pretrain,
                           "wall_s": podium(["pretrain", "experiment=drive_moco", *common, f"data.root={folder}",
                                             *pretrain, f"trainer.max_epochs={pre_epochs}", f"run.dir={pre_dir}"])}
     encoder = pre_dir / "encoder.pt"
     result["variants"] = {}
+    chosen = [v.strip() for v in args.variants.split(",")]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     for name, overrides in VARIANTS.items():
+        if name not in chosen:
+            continue
         run_dir = out / name.replace("+", "_")
         applied = [o.format(encoder=encoder) for o in overrides]
         metrics, wall = train(["experiment=drive_unet", *common, *quick, f"trainer.max_epochs={epochs}", *applied,
@@ -117,7 +127,7 @@ def main() -> None:
     rows = [(name, f"{v.get('test/dice', float('nan')):.4f}", f"{v.get('test/auc_roc', float('nan')):.4f}",
              f"{v.get('test/aupr', float('nan')):.4f}", f"{v['wall_s'] / 60:.1f} min")
             for name, v in result["variants"].items()]
-    base = result["variants"]["random"]
+    base = result["variants"].get("random", {})
     result["ratios_vs_random"] = {name: {m: v[f"test/{m}"] / base[f"test/{m}"] for m in ("dice", "auc_roc", "aupr")
                                          if f"test/{m}" in v and base.get(f"test/{m}")}
                                   for name, v in result["variants"].items()}

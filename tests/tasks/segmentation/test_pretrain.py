@@ -168,6 +168,33 @@ def test_views_differ_but_are_deterministic_for_seed_epoch_index(tmp_path):
     assert int(a["index"]) == 4 % 3
 
 
+def test_instance_regions_cut_both_views_from_one_region(tmp_path, monkeypatch):
+    """With data.instance_size, an item is a random region and both views come from it: in an
+    image whose halves differ, a region's brightness says where it was cut."""
+    folder = tmp_path / "halves"
+    folder.mkdir()
+    for i in range(4):
+        arr = np.zeros((32, 64, 3), np.uint8)
+        arr[:, 32:] = 255  # left half black, right half white
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    # crop_scale 1 on a square region: each view is the whole region (resized, maybe flipped),
+    # so both views of an item have exactly the same brightness -- unless they came from
+    # different regions
+    cfg = UnlabelledImagesConfig(root=str(folder), patterns=["*.png"], crop_size=[16, 16], crop_scale=[1.0, 1.0],
+                                 instance_size=[32, 32], jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+                                 val_count=2, repeats=40, mean=[0.0] * 3, std=[1.0] * 3)
+    seeded = SeededDataset(unlabelled_images(cfg, seed=0)["train"], seed=0)
+    pairs = [(seeded[(i, 0)]["view1"].mean().item(), seeded[(i, 0)]["view2"].mean().item()) for i in range(40)]
+    assert max(abs(a - b) for a, b in pairs) < 1e-6
+    assert np.std([a for a, _ in pairs]) > 0.2  # regions move across the image
+    with pytest.raises(UserError, match="instance_size"):
+        unlabelled_images(UnlabelledImagesConfig(root=str(folder), patterns=["*.png"], instance_size=[48, 48],
+                                                 val_count=2), seed=0)
+    with pytest.raises(UserError, match="instance_size"):
+        unlabelled_images(UnlabelledImagesConfig(root=str(folder), patterns=["*.png"], instance_size=[16, 0],
+                                                 val_count=2), seed=0)
+
+
 def test_bad_data_config_names_the_problem(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         unlabelled_images(UnlabelledImagesConfig(root=str(tmp_path / "missing")), seed=0)

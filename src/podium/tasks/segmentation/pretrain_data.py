@@ -13,7 +13,10 @@ Images are found with glob patterns under `data.root` (e.g. DRIVE: root
 folder), sorted naturally, decoded once (scale, optional CLAHE) and kept in memory as uint8
 unless `data.cache=false`. A permutation drawn from `split_seed` alone gives the first
 `val_count` images to "val" (one pair of views per image, the same at every validation) and the
-rest to "train" (`repeats` items per image and epoch). With no root and `synthetic: N`, N
+rest to "train" (`repeats` items per image and epoch). With `instance_size` set, an item is first
+a random region of its image and both views are cut from that region: with a dozen large fundus
+photos, whole-image instances make every batch and the queue full of views of the same images
+(InfoNCE then pushes positives apart), while regions give thousands of distinct instances. With no root and `synthetic: N`, N
 generated fundus images are used (podium.tasks.segmentation.synthetic), for demos and tests.
 
     podium pretrain data.root=../shared/data/drive/training/images 'data.patterns=[*.tif]'
@@ -57,6 +60,9 @@ class UnlabelledImagesConfig:
     scale: float = 1.0  # resize factor of whole images, applied once when they are read
     cache: bool = True  # keep the decoded images in memory (False: decode per item)
     crop_size: list[int] = field(default_factory=lambda: [224, 224])  # view (H, W)
+    # > 0: an instance is a random region of this size (H, W), both views are cut from it (few
+    # large images: each region is a different instance, not another view of the same image)
+    instance_size: list[int] = field(default_factory=lambda: [0, 0])
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
@@ -113,6 +119,8 @@ def check_config(c: UnlabelledImagesConfig) -> None:
         raise UserError(f"data.mean / data.std need {c.channels} values (std > 0), got {list(c.mean)} / {list(c.std)}.")
     if len(c.crop_size) != 2 or min(c.crop_size) < 8:
         raise UserError(f"data.crop_size={list(c.crop_size)}: expected [H, W], each >= 8.")
+    if len(c.instance_size) != 2 or min(c.instance_size) < 0 or (0 in c.instance_size and max(c.instance_size) > 0):
+        raise UserError(f"data.instance_size={list(c.instance_size)}: expected [H, W], both > 0, or [0, 0] (whole images).")
     if len(c.crop_scale) != 2 or not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
         raise UserError(f"data.crop_scale={list(c.crop_scale)}: expected [low, high] with 0 < low <= high <= 1.")
     if len(c.jitter) != 4 or min(c.jitter) < 0 or c.jitter[3] > 0.5:
@@ -184,6 +192,15 @@ class TwoViewDataset(Dataset):
         self.in_chans = c.channels
         self.images = [read_unlabelled(p, c) for p in self.files] if c.cache else None
         self.transform = build_views(c)
+        self.region = tuple(int(v) for v in c.instance_size) if max(c.instance_size) > 0 else None
+        if self.region and self.images is not None:
+            for path, image in zip(self.files, self.images):
+                self._check_region(path, image)
+
+    def _check_region(self, path: Path, image: np.ndarray) -> None:
+        if image.shape[0] < self.region[0] or image.shape[1] < self.region[1]:
+            raise UserError(f"{path}: image is {image.shape[0]} x {image.shape[1]} px (after data.scale), smaller "
+                            f"than data.instance_size {list(self.region)}.")
 
     def __len__(self) -> int:
         return len(self.files) * self.repeats
@@ -193,7 +210,14 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         index = i % len(self.files)
-        image = tv_tensors.Image(torch.from_numpy(self.image(index)).permute(2, 0, 1))
+        array = self.image(index)
+        if self.region:  # the instance: a region drawn from the same seeded generator as the views
+            if self.images is None:
+                self._check_region(self.files[index], array)
+            top = int(torch.randint(0, array.shape[0] - self.region[0] + 1, ()))
+            left = int(torch.randint(0, array.shape[1] - self.region[1] + 1, ()))
+            array = array[top:top + self.region[0], left:left + self.region[1]]
+        image = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
         # two draws from the generator SeededDataset seeded for (seed, epoch, i): different
         # views, the same ones whenever this item is read again
         return {"view1": self.transform(image).as_subclass(torch.Tensor),
