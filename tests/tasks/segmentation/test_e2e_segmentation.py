@@ -141,3 +141,32 @@ def test_drive_smoke_run(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.0 <= metrics["test/auc_roc"] <= 1.0
+
+
+def test_folder_layout_with_images_of_different_sizes(tmp_path):
+    """seg_folder pairs by pattern; images of different sizes are evaluated one by one (not
+    stacked) and the multi-class metrics come out per class."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    for i, (h, w) in enumerate([(64, 64), (70, 90), (64, 96), (80, 64), (72, 72), (64, 80)]):
+        label = np.zeros((h, w), np.uint8)
+        label[h // 4: h // 2, w // 4: w // 2] = 1
+        label[h // 2:, w // 2:] = 2
+        image = (rng.integers(0, 40, (h, w, 3)) + label[..., None] * 90).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "img" / f"case{i}.png")
+        Image.fromarray(label).save(tmp_path / "lab" / f"case{i}_seg.png")
+    run_dir = tmp_path / "run"
+    result = invoke("train", "experiment=seg_synthetic", "data=seg_folder", f"data.root={tmp_path}",
+                    "data.image_dir=img", "data.mask_dir=lab", "data.image_pattern='{id}.png'",
+                    "data.mask_pattern='{id}_seg.png'", "data.class_names=[background,square,corner]",
+                    "data.val_count=2", "data.test_count=1", "data.patch_size=[32,32]", "data.patches_per_image=4",
+                    "model.decoder_channels=[32,16,16,8,8]", "task.window=[64,64]", "task.monitor=miou",
+                    "trainer.max_epochs=1", *FAST, f"run.dir={run_dir}")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"val/miou", "val/iou_square", "val/iou_corner", "test/miou"} <= metrics.keys()
+    saved = np.load(run_dir / "predictions" / "val_probabilities.npz")
+    assert len(saved.files) == 2
+    for case in saved.files:  # class ids at each image's own size
+        assert saved[case].shape == np.asarray(Image.open(tmp_path / "img" / f"{case}.png")).shape[:2]
