@@ -72,11 +72,21 @@ def sliding_window_probabilities(predictor: Callable[[Tensor], Tensor], images: 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, images: Tensor, window: Sequence[int], overlap: float = 0.5,
                           flips: Sequence[str] = (), batch_size: int = 4, blend: str = "gaussian") -> Tensor:
-    """Sliding-window probabilities averaged over the identity and every flip in `flips`."""
+    """Sliding-window probabilities averaged over the identity and every flip in `flips`.
+
+    A side shorter than the window is padded once, before flipping, by (diff // 2, diff - diff // 2)
+    zeros (MONAI's split): padding each flipped copy would put an odd padding on the other side,
+    shifting the image by a pixel between passes; and the served graph (one padded canvas,
+    flipped inside) then computes exactly this."""
+    h, w = images.shape[-2:]
+    pad_h, pad_w = max(int(window[0]) - h, 0), max(int(window[1]) - w, 0)
+    top, left = pad_h // 2, pad_w // 2
+    if pad_h or pad_w:
+        images = torch.nn.functional.pad(images, (left, pad_w - left, top, pad_h - top))
     predictor = softmax_predictor(model)
     total = sliding_window_probabilities(predictor, images, window, overlap, batch_size, blend)
     for flip in flips:
         dims = FLIP_DIMS[flip]
         flipped = sliding_window_probabilities(predictor, images.flip(dims), window, overlap, batch_size, blend)
         total = total + flipped.flip(dims)
-    return total / (1 + len(flips))
+    return (total / (1 + len(flips)))[..., top:top + h, left:left + w]
