@@ -65,8 +65,20 @@ class Task:
     # ---- building -------------------------------------------------------------------------
     def build_datasets(self) -> dict[str, Dataset]:
         """Return the datasets by split: 'train', 'val', and any number of test splits
-        (every split whose name starts with 'test' is evaluated by `podium eval`)."""
-        raise NotImplementedError
+        (every split whose name starts with 'test' is evaluated by `podium eval`).
+
+        Default: the registered dataset `cfg.data.name`, called with the run seed and
+        `dataset_context()`, built once and kept (a task asks for it many times)."""
+        if getattr(self, "_datasets", None) is None:
+            from podium.engine import registry
+
+            self._datasets = registry.build("dataset", self.cfg.data.name, self.cfg.data, seed=self.cfg.seed,
+                                            **self.dataset_context())
+        return self._datasets
+
+    def dataset_context(self) -> dict[str, Any]:
+        """Extra keyword arguments for the dataset factory (e.g. max_epochs for schedules)."""
+        return {}
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

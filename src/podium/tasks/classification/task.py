@@ -44,11 +44,6 @@ class ClassificationTask(Task):
         self.loss_fn = None
 
     # ---- building
-    def build_datasets(self):
-        if self._datasets is None:
-            self._datasets = registry.build("dataset", self.cfg.data.name, self.cfg.data, seed=self.cfg.seed)
-        return self._datasets
-
     @property
     def classes(self) -> list[str]:
         return list(self.build_datasets()["train"].classes)

@@ -59,11 +59,6 @@ class LandmarkTask(Task):
             raise UserError(f"task.decode={cfg.task.decode!r}: expected local_soft_argmax or argmax.")
 
     # ---- building
-    def build_datasets(self):
-        if self._datasets is None:
-            self._datasets = registry.build("dataset", self.cfg.data.name, self.cfg.data, seed=self.cfg.seed)
-        return self._datasets
-
     @property
     def train_set(self):
         return self.build_datasets()["train"]

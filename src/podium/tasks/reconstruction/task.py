@@ -59,12 +59,9 @@ class ReconstructionTask(Task):
         self.loss_fn = None
 
     # ---- building
-    def build_datasets(self):
-        if self._datasets is None:
-            max_epochs = int(self.cfg.trainer.max_epochs) if "trainer" in self.cfg else 1
-            self._datasets = registry.build("dataset", self.cfg.data.name, self.cfg.data, seed=self.cfg.seed,
-                                            max_epochs=max_epochs)
-        return self._datasets
+    def dataset_context(self):
+        # mask-augmentation schedules ramp over the run's epochs
+        return {"max_epochs": int(self.cfg.trainer.max_epochs) if "trainer" in self.cfg else 1}
 
     def build_model(self):
         return registry.build("model", self.cfg.model.name, self.cfg.model)

@@ -329,12 +329,11 @@ class ContrastivePretrainTask(Task):
         self.temperature = float(cfg.loss.temperature)
 
     def build_datasets(self):
-        if self._datasets is None:
-            self._datasets = registry.build("dataset", self.cfg.data.name, self.cfg.data, seed=self.cfg.seed)
-            if getattr(self._datasets["train"], "views", None) != 2:
-                raise UserError(f"task=moco needs two-view items (data=unlabelled_images); "
-                                f"data.name={self.cfg.data.name!r} gives labelled items.")
-        return self._datasets
+        datasets = super().build_datasets()
+        if getattr(datasets["train"], "views", None) != 2:
+            raise UserError(f"task=moco needs two-view items (data=unlabelled_images); "
+                            f"data.name={self.cfg.data.name!r} gives labelled items.")
+        return datasets
 
     def build_model(self):
         model = registry.build("model", self.cfg.model.name, self.cfg.model,

@@ -76,11 +76,6 @@ class SegmentationTask(Task):
         self.loss_fn = None
 
     # ---- building
-    def build_datasets(self):
-        if self._datasets is None:
-            self._datasets = registry.build("dataset", self.cfg.data.name, self.cfg.data, seed=self.cfg.seed)
-        return self._datasets
-
     @property
     def train_set(self):
         return self.build_datasets()["train"]
