@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	$(BIN)/podium train experiment=digits
 
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q --timeout=900
+	$(BIN)/python -m pytest -q --timeout=900 -n auto --dist loadfile  # one process per core; a file stays on one worker (module fixtures)
 
 bench: $(VENV)/.dev-installed
 	mkdir -p bench-out
