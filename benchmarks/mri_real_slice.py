@@ -15,7 +15,10 @@ window, data range = reference maximum) and PSNR over the whole 320 x 256 image.
 Methods: zero-filled; GRAPPA (k-space, calibrated on the centre block — handles the FOV
 fold-over); CG-SENSE with one set of maps (fails on this folded slice, as the ESPIRiT paper
 shows); the VarNet of `experiment=varnet_sim2real`, trained on the simulator only — the real
-slice is never seen in training (only its measured noise level sets the simulator's range).
+slice is never seen in training (only its measured noise level sets the simulator's range);
+and that VarNet fine-tuned on the slice's own undersampled k-space (zero-shot self-supervised
+adaptation, tasks/reconstruction/adapt.py: held-out k-space points, never the reference, decide
+when to stop).
 """
 
 from __future__ import annotations
@@ -73,26 +76,41 @@ def train_varnet(overrides: list[str], run_root: Path) -> tuple[Path, float]:
     return run_dir, time.perf_counter() - start
 
 
-def varnet_reconstructions(run_dir: Path, kspace: np.ndarray) -> dict[int, np.ndarray]:
-    """The trained model on the real slice, through the task's own sample path (make_sample)."""
+def varnet_reconstructions(run_dir: Path, kspace: np.ndarray, adapt_cfg=None) -> tuple[dict, dict]:
+    """The trained model on the real slice, through the task's own sample path (make_sample);
+    with `adapt_cfg`, also a copy fine-tuned on the slice's own undersampled k-space (zero-shot
+    self-supervised adaptation: no reference image is used, the held-out k-space points decide
+    when to stop)."""
     import torch
     from rich.console import Console
 
     from podium.engine.session import trainer_for_run
+    from podium.tasks.reconstruction.adapt import adapt_to_scan
     from podium.tasks.reconstruction.data import make_sample
     from podium.tasks.reconstruction.masks import SNUMask
 
     trainer, _ = trainer_for_run(run_dir, [], Console(stderr=True), "best")
     model = trainer.eval_model().eval()
-    out = {}
+    out, info = {}, {}
     for acc in ACCELERATIONS:
         sampled = SNUMask([0.08], [acc])(kspace.shape[-1], np.random.default_rng(0))
         sample = make_sample(kspace, sampled, None, max_value=None, recon_size=kspace.shape[-2:],
                              fg_threshold=0.0, volume=0, slice_index=0, index=0, anatomy=0)
         batch = {k: v[None].to(trainer.fabric.device) for k, v in sample.items()}
+        scale = float(sample["scale"])
         with torch.no_grad():
-            out[acc] = trainer.task.reconstruct(model, batch)[0].float().cpu().numpy() * float(sample["scale"])
-    return out
+            out[acc] = {"varnet_simulated": trainer.task.reconstruct(model, batch)[0].float().cpu().numpy() * scale}
+        if adapt_cfg is not None and adapt_cfg.steps > 0:
+            start = time.perf_counter()
+            result = adapt_to_scan(getattr(model, "module", model), batch["masked_kspace"], batch["mask"],
+                                   batch["num_low_frequencies"], adapt_cfg)
+            with torch.no_grad():
+                image = trainer.task.reconstruct(result.model, batch)[0].float().cpu().numpy() * scale
+            out[acc]["varnet_adapted"] = image
+            info[f"acc{acc}"] = {"seconds": time.perf_counter() - start, "best_step": result.best_step,
+                                 "steps_run": result.steps_run,
+                                 "val_loss": [h for h in result.history if "val_loss" in h]}
+    return out, info
 
 
 def main() -> None:
@@ -100,6 +118,9 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=None, help="a trained varnet_sim2real run (skip training)")
     parser.add_argument("--override", action="append", default=[], help="config override for training")
     parser.add_argument("--run-root", type=Path, default=REPO / "runs" / "bench")
+    parser.add_argument("--adapt-steps", type=int, default=60,
+                        help="self-supervised adaptation steps on the slice's own k-space (0: off)")
+    parser.add_argument("--adapt-lr", type=float, default=None, help="adaptation learning rate (default: AdaptConfig's)")
     args = parser.parse_args()
     result = {"benchmark": "mri_real_slice", "machine": machine_info(), "data": str(SLICE)}
     if not SLICE.exists():
@@ -122,8 +143,15 @@ def main() -> None:
                       "model.cascades=1", "model.chans=4", "model.sens_chans=2", "model.pools=2", "model.sens_pools=2"]
     run_dir, seconds = (args.run_dir, None) if args.run_dir else train_varnet(overrides, args.run_root)
     result.update({"run_dir": str(run_dir), "train_seconds": seconds, "overrides": overrides})
-    for acc, recon in varnet_reconstructions(run_dir, kspace).items():
-        recons[acc]["varnet_simulated"] = recon
+    from podium.tasks.reconstruction.adapt import AdaptConfig
+
+    adapt_cfg = AdaptConfig(steps=2 if args.quick else args.adapt_steps, val_every=1 if args.quick else 5)
+    if args.adapt_lr is not None:
+        adapt_cfg.lr = args.adapt_lr
+    networks, result["adaptation"] = varnet_reconstructions(run_dir, kspace, adapt_cfg)
+    result["adaptation_config"] = vars(adapt_cfg)
+    for acc, images in networks.items():
+        recons[acc].update(images)
 
     rows, figures = [], {}
     for acc in ACCELERATIONS:

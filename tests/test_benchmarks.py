@@ -70,13 +70,15 @@ def test_mri_real_slice_quick_writes_every_method(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    figures = json.loads(out.read_text())["figures"]
-    for method in ("zero_filled", "grappa", "sense_one_map", "varnet_simulated"):
+    data = json.loads(out.read_text())
+    figures = data["figures"]
+    for method in ("zero_filled", "grappa", "sense_one_map", "varnet_simulated", "varnet_adapted"):
         for acc in (4, 8):
             assert 0 < figures[f"{method}_acc{acc}"]["ssim"] <= 1
     # the protocol's floor, as ../shared/reference.md measured it
     assert abs(figures["zero_filled_acc4"]["ssim"] - 0.737) < 0.002
     assert abs(figures["zero_filled_acc8"]["ssim"] - 0.699) < 0.002
+    assert data["adaptation"]["acc4"]["steps_run"] == 2 and data["adaptation"]["acc4"]["val_loss"][0]["step"] == 0
 
 
 @pytest.mark.slow

@@ -204,6 +204,8 @@ def predict(
     inputs: List[Path] = typer.Argument(..., help="Input files or folders."),
     out: Path = typer.Option(..., "--out", help="Output file (CSV for classification)."),
     checkpoint: str = typer.Option("best", help="best | last | a path to a .pt file"),
+    override: List[str] = typer.Option(None, "--override", "-o",
+                                       help="Override of the run's config, e.g. task.adapt.steps=60 (repeatable)."),
 ):
     """Predict on raw files with the run's own preprocessing.
 
@@ -212,7 +214,7 @@ def predict(
     from podium.engine import session
     from podium.engine.runs import existing_run_dir
 
-    path = session.predict(existing_run_dir(run_dir), inputs, out, _console(), checkpoint)
+    path = session.predict(existing_run_dir(run_dir), inputs, out, _console(), checkpoint, override or [])
     _console().print(f"written: {path}")
 
 

@@ -41,6 +41,35 @@ def test_training_outputs_carry_patch_targets():
     sum(v.float().sum() for k, v in out.items() if k.endswith("heatmaps")).backward()
 
 
+def test_training_crops_from_first_stage_estimates(monkeypatch):
+    """train_from_estimates=1: every training crop is centred on the first stage's own estimate
+    (+- estimate_jitter); a crop whose truth falls outside it is marked invisible for the loss."""
+    model = build(train_landmarks_per_image=0, train_from_estimates=1.0, estimate_jitter=0.0)
+    x = torch.randn(2, 1, 64, 64)
+    points = torch.tensor([[[10.0, 12.0], [30.0, 36.0], [50.0, 20.0]]] * 2)
+    visible = torch.ones(2, 3, dtype=torch.bool)
+    # a first stage that always answers (31, 31): near landmark 1, far from 0 and 2
+    estimate = torch.tensor([[[31.0, 31.0]] * 3] * 2)
+    monkeypatch.setattr(model, "_decode_coarse", lambda coarse: estimate)
+    out = model(x, points, visible)
+    offsets = torch.floor(estimate + 0.5) - 8
+    torch.testing.assert_close(out["patch_points"].reshape(2, 3, 2), points - offsets)
+    assert out["patch_visible"].reshape(-1).tolist() == [False, True, False] * 2
+    # the invisible crops contribute nothing: the refiner's loss equals the one on crops 1 and 4
+    from podium.tasks.landmarks.losses import SpatialSoftmaxNLL
+
+    nll = SpatialSoftmaxNLL(1)
+    total = nll(out["patch_heatmaps"], out["patch_points"], out["patch_visible"])
+    keep = torch.tensor([1, 4])
+    alone = nll(out["patch_heatmaps"][keep], out["patch_points"][keep], out["patch_visible"][keep])
+    torch.testing.assert_close(total, alone)
+
+
+def test_train_from_estimates_is_a_share():
+    with pytest.raises(UserError, match="train_from_estimates"):
+        build(train_from_estimates=1.5)
+
+
 def test_inference_maps_patch_peaks_back_to_input_pixels(monkeypatch):
     model = build().eval()
     x = torch.randn(1, 1, 64, 64)

@@ -88,6 +88,32 @@ def test_eval_and_predict(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_with_self_supervised_adaptation(trained, tmp_path):
+    """--override task.adapt.steps=N fine-tunes a copy per slice (the outcome is recorded in the
+    output's attributes), the run's checkpoint is untouched, and a bad share exits 2 naming it."""
+    npy = tmp_path / "scan.npy"
+    np.save(npy, undersampled_kspace())
+    best = trained / "checkpoints" / "best.pt"
+    before = best.read_bytes()
+    plain, adapted = tmp_path / "plain.h5", tmp_path / "adapted.h5"
+    assert podium("predict", str(trained), str(npy), "--out", str(plain)).returncode == 0
+    result = podium("predict", str(trained), str(npy), "--out", str(adapted), "-o", "task.adapt.steps=4",
+                    "-o", "task.adapt.val_every=1", "-o", "task.adapt.lr=0.01")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with h5py.File(plain) as f, h5py.File(adapted) as g:
+        a, b = f["reconstruction/scan.npy"][()], g["reconstruction/scan.npy"][()]
+        attrs = dict(g["reconstruction/scan.npy"].attrs)
+    assert a.shape == b.shape and np.isfinite(b).all()
+    assert attrs["adapt_steps_run"].tolist() == [4]
+    assert attrs["adapt_val_loss_best"][0] <= attrs["adapt_val_loss_start"][0]
+    # the kept weights are the adapted ones exactly when they beat the pretrained on held-out k-space
+    assert (attrs["adapt_best_step"][0] > 0) == (not np.allclose(a, b))
+    assert best.read_bytes() == before
+    result = podium("predict", str(trained), str(npy), "--out", str(tmp_path / "x.h5"), "-o", "task.adapt.val_fraction=1.5")
+    assert result.returncode == 2 and "task.adapt.val_fraction" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("content, message", [
     (lambda: np.abs(undersampled_kspace()), "complex"),
     (lambda: np.where(np.arange(40) == 3, np.nan, 1) * undersampled_kspace(), "NaN"),

@@ -10,9 +10,12 @@ configuration net followed by local refinement).
     podium train experiment=isbi2015_quick model=coarse_to_fine data.image_size=[1024,832]
 
 Training: the first stage learns from the downsampled image; the refiner learns from crops
-centred on the ground truth plus a random jitter (the first stage's estimates are useless early
-on, and the jitter teaches the refiner to look anywhere in its patch). Inference: crops centred
-on the first stage's decoded estimates.
+centred on the ground truth plus a random jitter (the jitter teaches the refiner to look anywhere
+in its patch) and, for a share `train_from_estimates` of them, from crops centred on the first
+stage's own (detached) estimates — the crops it will see at inference, including the stage's
+typical misses (the "train on what you will be given" rule of cascaded detectors; a crop whose
+truth falls outside it is ignored by the loss, so the useless estimates of the first epochs
+cost nothing). Inference: crops centred on the first stage's decoded estimates.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class CoarseToFineConfig:
     refiner: PatchRefinerConfig = field(default_factory=PatchRefinerConfig)
     train_jitter: float = 12.0  # input pixels: training crops are centred on the truth +- this
     train_landmarks_per_image: int = 6  # patches per image in training (0: every landmark)
+    # share of training crops centred on the first stage's detached estimate (+- estimate_jitter)
+    # instead of the jittered truth
+    train_from_estimates: float = 0.0
+    estimate_jitter: float = 4.0
     decode_window: int = 11
     # Inference: the refiner's logits get a Gaussian log-prior centred on the first-stage estimate
     # (input pixels; 0 disables). Without it the refiner sometimes jumps to a look-alike structure
@@ -63,6 +70,7 @@ class CoarseToFine(nn.Module):
         self.factor, self.patch_size = cfg.coarse_factor, cfg.refiner.patch_size
         self.jitter, self.per_image, self.window = cfg.train_jitter, cfg.train_landmarks_per_image, cfg.decode_window
         self.prior_sigma = cfg.prior_sigma
+        self.from_estimates, self.estimate_jitter = float(cfg.train_from_estimates), float(cfg.estimate_jitter)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.stage1.set_grad_checkpointing(enable)
@@ -96,15 +104,29 @@ class CoarseToFine(nn.Module):
         truth = torch.gather(points, 1, chosen[..., None].expand(-1, -1, 2))
         seen = torch.gather(visible, 1, chosen)
         centres = truth + (torch.rand_like(truth) * 2 - 1) * self.jitter
+        if self.from_estimates > 0:
+            with torch.no_grad():
+                rough = self._decode_coarse(coarse.detach())
+            rough = torch.gather(rough, 1, chosen[..., None].expand(-1, -1, 2))
+            rough = rough + (torch.rand_like(rough) * 2 - 1) * self.estimate_jitter
+            use = torch.rand(centres.shape[:2], device=x.device) < self.from_estimates
+            centres = torch.where(use[..., None], rough, centres)
         patch_heat, offsets = self._refine(x, centres, chosen.reshape(-1))
+        local = truth - offsets
+        # a crop that misses its landmark teaches nothing: the loss ignores it
+        inside = ((local >= 0) & (local <= self.patch_size - 1)).all(-1)
         return {"heatmaps": coarse, "heatmap_stride": self.coarse_stride,
-                "patch_heatmaps": patch_heat, "patch_points": (truth - offsets).reshape(-1, 1, 2),
-                "patch_visible": seen.reshape(-1, 1)}
+                "patch_heatmaps": patch_heat, "patch_points": local.reshape(-1, 1, 2),
+                "patch_visible": (seen & inside).reshape(-1, 1)}
+
+    def _decode_coarse(self, coarse: Tensor) -> Tensor:
+        """First-stage heatmaps -> (B, K, 2) estimates in input pixels."""
+        return hm.heatmap_to_points(hm.decode_local_soft_argmax(coarse.float(), window=self.window),
+                                    self.coarse_stride)
 
     def _infer(self, x: Tensor, coarse: Tensor) -> dict:
         b, k = coarse.shape[:2]
-        rough = hm.heatmap_to_points(hm.decode_local_soft_argmax(coarse.float(), window=self.window),
-                                     self.coarse_stride)
+        rough = self._decode_coarse(coarse)
         patch_heat, offsets = self._refine(x, rough)
         logits = patch_heat.float()
         if self.prior_sigma > 0:
@@ -122,6 +144,8 @@ class CoarseToFine(nn.Module):
 def coarse_to_fine(cfg, *, num_landmarks: int, in_chans: int) -> nn.Module:
     if cfg.coarse_factor < 1:
         raise UserError(f"model.coarse_factor must be >= 1, got {cfg.coarse_factor}.")
+    if not 0 <= cfg.train_from_estimates <= 1:
+        raise UserError(f"model.train_from_estimates must be in [0, 1], got {cfg.train_from_estimates}.")
     if cfg.refiner.patch_size % 2 ** cfg.refiner.encoder_depth:
         raise UserError(f"model.refiner.patch_size={cfg.refiner.patch_size} must be divisible by "
                         f"2**model.refiner.encoder_depth = {2 ** cfg.refiner.encoder_depth}.")

@@ -1,7 +1,9 @@
 """`podium predict` for reconstruction: undersampled k-space files in, one HDF5 out.
 
 Inputs: fastMRI-format `.h5` (every slice; the file's `mask` if it has one), or a raw k-space
-file (`.mat`, `.npy`, BART `.cfl`) holding one undersampled slice. Without a stored mask, the
+file (`.mat`, `.npy`, BART `.cfl`) holding one undersampled slice. With `task.adapt.steps > 0`
+each slice is reconstructed by a copy of the network fine-tuned on that slice's own measurements
+(zero-shot self-supervised adaptation, adapt.py). Without a stored mask, the
 sampled columns are the ones that hold data. The output file has one dataset per input,
 `reconstruction/<file name>` (slices, H, W) in the input's units, and a PNG preview beside it.
 """
@@ -16,6 +18,7 @@ import torch
 from podium.errors import UserError
 from podium.tasks.reconstruction import masks as mk
 from podium.tasks.reconstruction import rawfiles, readers
+from podium.tasks.reconstruction.adapt import adapt_to_scan
 from podium.tasks.reconstruction.data import center_block_width, make_sample
 
 
@@ -48,7 +51,7 @@ def predict_files(task, model, inputs: list[Path], out_file: Path, device: torch
     tmp = out_file.with_suffix(".h5.tmp")
     with h5py.File(tmp, "w") as f:
         for path in track([Path(p) for p in inputs], description="reconstructing", transient=True):
-            recons, zero_filled = [], []
+            recons, zero_filled, adapt_log = [], [], []
             for kspace, mask in _slices(path):
                 mask = sampled_columns(kspace) if mask is None else mask
                 if mask.all():
@@ -58,12 +61,23 @@ def predict_files(task, model, inputs: list[Path], out_file: Path, device: torch
                 sample = make_sample(kspace, sampled, None, max_value=None, recon_size=kspace.shape[-2:],
                                      fg_threshold=0.0, volume=0, slice_index=0, index=0, anatomy=0)
                 batch = {k: v[None].to(device) for k, v in sample.items()}
+                net = model
+                if int(task.cfg.task.adapt.steps) > 0:  # fine-tune a copy on this slice's own data
+                    result = adapt_to_scan(getattr(model, "module", model), batch["masked_kspace"], batch["mask"],
+                                           batch["num_low_frequencies"], task.cfg.task.adapt)
+                    net = result.model
+                    losses = [h["val_loss"] for h in result.history if "val_loss" in h]
+                    adapt_log.append((result.best_step, result.steps_run, losses[0], min(losses)))
                 with torch.no_grad():
-                    recon = task.reconstruct(model, batch)[0].float().cpu().numpy()
+                    recon = task.reconstruct(net, batch)[0].float().cpu().numpy()
                 scale = float(sample["scale"])
                 recons.append(recon * scale)
                 zero_filled.append(sample["target"].numpy() * scale)  # RSS of the masked k-space
-            f.create_dataset(f"reconstruction/{path.name}", data=np.stack(recons).astype(np.float32))
+            dataset = f.create_dataset(f"reconstruction/{path.name}", data=np.stack(recons).astype(np.float32))
+            if adapt_log:  # per slice: which step was kept, and the held-out k-space loss before / after
+                best, run, start, end = (np.asarray(v) for v in zip(*adapt_log))
+                dataset.attrs.update({"adapt_best_step": best, "adapt_steps_run": run,
+                                      "adapt_val_loss_start": start, "adapt_val_loss_best": end})
             mid = len(recons) // 2
             plot_reconstruction(zero_filled[mid], recons[mid], out_file.parent / f"{out_file.stem}_{path.name}.png",
                                 title=f"{path.name} (no fully sampled reference)", target_label="zero-filled")

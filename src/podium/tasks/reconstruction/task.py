@@ -13,7 +13,7 @@ averaged over volumes, overall and per (acceleration x anatomy) group (`ssim_acc
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from podium.errors import UserError
 from podium.tasks.base import StepContext, Task
 from podium.tasks.reconstruction import metrics as rm
 from podium.tasks.reconstruction import plots
+from podium.tasks.reconstruction.adapt import AdaptConfig, check_adapt_config
 from podium.tasks.reconstruction.data import ANATOMIES
 
 
@@ -34,6 +35,8 @@ class ReconTaskConfig:
     snu_metrics: bool = False  # also report the SNU leaderboard SSIM (foreground-masked)
     keep_images: bool = True  # keep reconstructions in memory for plots and saved predictions
     plots: int = 2  # best and worst slices plotted per split
+    # `podium predict` only: zero-shot self-supervised fine-tuning on each scan (adapt.py)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
 def crop_to(image: torch.Tensor, size) -> torch.Tensor:
@@ -57,6 +60,7 @@ class ReconstructionTask(Task):
         super().__init__(cfg)
         self._datasets = None
         self.loss_fn = None
+        check_adapt_config(cfg.task.adapt)
 
     # ---- building
     def dataset_context(self):

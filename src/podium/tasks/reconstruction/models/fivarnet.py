@@ -199,6 +199,14 @@ class FIVarNet(nn.Module):
         self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
     ) -> Tensor:
         """(B, coils, H, W, 2) k-space, (B, 1, 1, W, 1) mask -> (B, H, W) RSS image."""
+        return rss_complex(ifft2c(self.predicted_kspace(masked_kspace, mask, num_low_frequencies)), dim=1)
+
+    def predicted_kspace(
+        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
+    ) -> Tensor:
+        """The last cascade's multi-coil k-space (B, coils, H, W, 2): what self-supervised
+        adaptation compares with held-out measurements. The mask may also be a per-point
+        (B, 1, H, W, 1) mask (the calibration columns must then be given or fully kept)."""
         check_inputs(masked_kspace, mask)
         mask = mask.to(masked_kspace.dtype)
         sens_maps = self.sens_maps(masked_kspace, mask, num_low_frequencies)
@@ -215,7 +223,7 @@ class FIVarNet(nn.Module):
         kspace = sens_expand(self.decoder(features, mean, std), sens_maps)
         for cascade in self.image_cascades:
             kspace = run_cascade(cascade, checkpointed, kspace, masked_kspace, mask, sens_maps)
-        return rss_complex(ifft2c(kspace), dim=1)
+        return kspace
 
 
 @register("model", "fivarnet", schema=FIVarNetConfig)
