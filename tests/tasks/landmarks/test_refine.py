@@ -142,3 +142,24 @@ def test_prior_prefers_the_peak_near_the_first_stage_estimate(monkeypatch):
     centre = torch.floor(near["coarse_points"] + 0.5)
     assert ((near["points"] - centre - 1).abs() < 0.6).all()  # the (9, 9) peak, one pixel off centre
     assert ((far["points"] - centre + 7).abs() < 0.6).all()  # argmax picked (1, 1) without the prior
+
+
+def test_gpu_recipe_composes_and_trains_its_learnable_sigma():
+    """experiment=isbi2015_full: coarse-to-fine with a learnable first-stage sigma that reaches
+    the loss (and gets a gradient) through the two-stage model."""
+    from podium.config import compose
+    from podium.tasks.landmarks.losses import SpatialSoftmaxNLL
+
+    cfg = compose(["experiment=isbi2015_full"])
+    assert cfg.model.name == "coarse_to_fine" and cfg.model.stage1.learnable_sigma
+    torch.manual_seed(0)
+    model = registry.build("model", "coarse_to_fine", cfg.model, num_landmarks=3, in_chans=1)
+    x = torch.randn(2, 1, 256, 192)
+    points = torch.tensor([[[40.0, 60.0], [100.0, 120.0], [150.0, 200.0]]] * 2)
+    out = model(x, points, torch.ones(2, 3, dtype=torch.bool))
+    assert out["sigma"].shape == (3,) and out["patch_heatmaps"].shape[-1] == 96
+    from podium.tasks.landmarks.heatmaps import points_to_heatmap
+
+    target = points_to_heatmap(points, out["heatmap_stride"])
+    SpatialSoftmaxNLL(3)(out["heatmaps"], target, torch.ones(2, 3, dtype=torch.bool), out["sigma"]).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stage1.sigma.parameters())

@@ -57,8 +57,8 @@ class CoarseToFineConfig:
 
 class CoarseToFine(nn.Module):
     """forward(x) -> {"points": (B, K, 2) input pixels, "coarse_points": ...};
-    forward(x, points, visible) (training) -> first-stage heatmaps and patch heatmaps with their
-    targets, for the task's loss."""
+    forward(x, points, visible) (training) -> first-stage heatmaps (and their learnable "sigma"
+    when the first stage has one) and patch heatmaps with their targets, for the task's loss."""
 
     output_stride = 1
     sigma = None
@@ -80,19 +80,21 @@ class CoarseToFine(nn.Module):
     def coarse_stride(self) -> int:
         return self.factor * self.stage1.output_stride
 
-    def _coarse(self, x: Tensor) -> Tensor:
+    def _coarse(self, x: Tensor) -> dict:
+        """The first stage's output on the downsampled input: {"heatmaps"[, "sigma"]}."""
         if self.factor == 1:
-            return self.stage1(x)["heatmaps"]
+            return self.stage1(x)
         small = F.interpolate(x, scale_factor=1 / self.factor, mode="bilinear", antialias=True,
                               align_corners=False, recompute_scale_factor=False)
-        return self.stage1(small)["heatmaps"]
+        return self.stage1(small)
 
     def _refine(self, x: Tensor, centres: Tensor, landmark_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         patches, offsets = crop_patches(x, centres, self.patch_size)
         return self.refiner(patches, landmark_index)["heatmaps"], offsets
 
     def forward(self, x: Tensor, points: Tensor | None = None, visible: Tensor | None = None) -> dict:
-        coarse = self._coarse(x)
+        first = self._coarse(x)
+        coarse = first["heatmaps"]
         if points is None:
             return self._infer(x, coarse)
         b, k, _ = points.shape
@@ -115,9 +117,12 @@ class CoarseToFine(nn.Module):
         local = truth - offsets
         # a crop that misses its landmark teaches nothing: the loss ignores it
         inside = ((local >= 0) & (local <= self.patch_size - 1)).all(-1)
-        return {"heatmaps": coarse, "heatmap_stride": self.coarse_stride,
-                "patch_heatmaps": patch_heat, "patch_points": local.reshape(-1, 1, 2),
-                "patch_visible": (seen & inside).reshape(-1, 1)}
+        out = {"heatmaps": coarse, "heatmap_stride": self.coarse_stride,
+               "patch_heatmaps": patch_heat, "patch_points": local.reshape(-1, 1, 2),
+               "patch_visible": (seen & inside).reshape(-1, 1)}
+        if "sigma" in first:  # the first stage's learnable heatmap width, for its loss
+            out["sigma"] = first["sigma"]
+        return out
 
     def _decode_coarse(self, coarse: Tensor) -> Tensor:
         """First-stage heatmaps -> (B, K, 2) estimates in input pixels."""
