@@ -125,3 +125,21 @@ def test_letterbox_rejects_bad_input():
         letterbox(np.zeros((4, 4), dtype=np.float32), 8, 8)
     with pytest.raises(ValueError):
         Letterbox.fit(0, 10, 8, 8)
+
+
+def test_predictions_in_the_padding_are_clipped_onto_the_image():
+    from podium.tasks.landmarks.geometry import Letterbox, clip_to_original
+
+    box = Letterbox.fit(orig_w=100, orig_h=50, out_w=64, out_h=64)  # content 64 x 32, padding below
+    # a point in the bottom padding maps below the image; one inside stays where it is
+    inside, padded = np.array([10.0, 20.0]), np.array([30.0, 60.0])
+    below = box.inverse(padded)
+    assert below[1] > 49.5
+    clipped = box.clip(np.stack([box.inverse(inside), below]))
+    np.testing.assert_allclose(clipped[0], box.inverse(inside))
+    assert clipped[1, 1] == 49.5 and clipped[1, 0] == below[0]
+    assert box.clip(np.array([-3.0, -7.0])).tolist() == [-0.5, -0.5]
+    batched = clip_to_original(torch.tensor([[[200.0, 20.0], [-9.0, 60.0]]], dtype=torch.float64),
+                               torch.tensor([box.as_tensor().tolist()], dtype=torch.float64))
+    assert batched.tolist() == [[[99.5, 20.0], [-0.5, 49.5]]]
+    torch.testing.assert_close(box.clip(torch.tensor([[200.0, 20.0]])), torch.tensor([[99.5, 20.0]]))

@@ -124,6 +124,17 @@ class Letterbox:
         _check_points(p)
         return (p - self._offsets(p) + 0.5) / self.scale - 0.5
 
+    def clip(self, points: Points) -> Points:
+        """Original-pixel points clipped onto the original image, [-0.5, orig - 0.5] per axis
+        (pixel centres at integers): a landmark lies in its image, so a prediction in the
+        letterbox padding is moved to the nearest edge."""
+        p = self._as_float(points)
+        _check_points(p)
+        low, high = -0.5, np.array([self.orig_w - 0.5, self.orig_h - 0.5])
+        if isinstance(p, torch.Tensor):
+            return torch.minimum(p.clamp(min=low), torch.as_tensor(high, dtype=p.dtype, device=p.device))
+        return np.minimum(np.maximum(p, low), high)
+
 
 def _check_points(p: ArrayOrTensor) -> None:
     if p.ndim < 1 or p.shape[-1] != 2:
@@ -157,6 +168,15 @@ def points_to_original(points: torch.Tensor, letterbox: torch.Tensor) -> torch.T
     """
     p, scale, pad = _split_letterbox(points, letterbox)
     return (p - pad + 0.5) / scale - 0.5
+
+
+def clip_to_original(points: torch.Tensor, letterbox: torch.Tensor) -> torch.Tensor:
+    """Batched `Letterbox.clip`: (B, K, 2) original px + (B, 5) letterboxes -> points on the image."""
+    lb = letterbox.to(device=points.device, dtype=points.dtype)
+    if lb.ndim == 1:
+        lb = lb.unsqueeze(0)
+    high = (lb[:, 3:5] - 0.5).reshape(-1, *([1] * (points.ndim - 2)), 2)
+    return torch.minimum(points.clamp(min=-0.5), high)
 
 
 def points_to_input(points: torch.Tensor, letterbox: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from podium.errors import UserError
 from podium.tasks.base import StepContext, Task
 from podium.tasks.landmarks import heatmaps as hm
 from podium.tasks.landmarks import metrics as lm_metrics
-from podium.tasks.landmarks.geometry import points_to_original
+from podium.tasks.landmarks.geometry import clip_to_original, points_to_original
 from podium.tasks.landmarks.refine import CoarseToFine
 
 
@@ -132,7 +132,7 @@ class LandmarkTask(Task):
     def evaluation_step(self, model, batch, ctx: StepContext) -> list[dict]:
         pred = self.predict_points(model, batch["image"])
         letterbox = batch["letterbox"].to(pred.device)
-        pred_orig = points_to_original(pred.double(), letterbox).cpu().numpy()
+        pred_orig = clip_to_original(points_to_original(pred.double(), letterbox), letterbox).cpu().numpy()
         target_orig = points_to_original(batch["points"].double(), letterbox).cpu().numpy()
         visible = batch["visible"].cpu().numpy()
         spacing = batch["spacing"].cpu().numpy()
@@ -205,7 +205,7 @@ class LandmarkTask(Task):
             image, letterbox = prepare_image(path, self.cfg.data)
             with torch.no_grad():
                 pred = self.predict_points(model, image.unsqueeze(0).to(ctx.device))
-            points = points_to_original(pred.double().cpu(), letterbox.as_tensor().unsqueeze(0))[0].numpy()
+            points = letterbox.clip(points_to_original(pred.double().cpu(), letterbox.as_tensor().unsqueeze(0))[0].numpy())
             rows.append({"id": str(path), "points_px": points.round(2).tolist(),
                          "points_mm": (points * spacing).round(3).tolist(), "spacing_mm": spacing})
             original = load_image(path, 1)[0].numpy()
@@ -256,7 +256,7 @@ class LandmarkTask(Task):
         return tensor, {"letterbox": letterbox}
 
     def serving_postprocess(self, output, meta):
-        points = meta["letterbox"].inverse(np.asarray(output, dtype=np.float64))
+        points = meta["letterbox"].clip(meta["letterbox"].inverse(np.asarray(output, dtype=np.float64)))
         spacing = float(getattr(self.cfg.data, "spacing", 1.0))
         return {"landmarks": [{"name": n, "x_px": round(float(x), 2), "y_px": round(float(y), 2),
                                "x_mm": round(float(x) * spacing, 3), "y_mm": round(float(y) * spacing, 3)}

@@ -62,9 +62,9 @@ def predict_files(task, model, inputs: list[Path], out_file: Path, device: torch
                                      fg_threshold=0.0, volume=0, slice_index=0, index=0, anatomy=0)
                 batch = {k: v[None].to(device) for k, v in sample.items()}
                 net = model
-                if int(task.cfg.task.adapt.steps) > 0:  # fine-tune a copy on this slice's own data
+                if int(task.adapt_cfg.steps) > 0:  # fine-tune a copy on this slice's own data
                     result = adapt_to_scan(getattr(model, "module", model), batch["masked_kspace"], batch["mask"],
-                                           batch["num_low_frequencies"], task.cfg.task.adapt)
+                                           batch["num_low_frequencies"], task.adapt_cfg)
                     net = result.model
                     losses = [h["val_loss"] for h in result.history if "val_loss" in h]
                     adapt_log.append((result.best_step, result.steps_run, losses[0], min(losses)))

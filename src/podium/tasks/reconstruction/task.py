@@ -60,7 +60,8 @@ class ReconstructionTask(Task):
         super().__init__(cfg)
         self._datasets = None
         self.loss_fn = None
-        check_adapt_config(cfg.task.adapt)
+        self.adapt_cfg = cfg.task.adapt if "adapt" in cfg.task else AdaptConfig()
+        check_adapt_config(self.adapt_cfg)
 
     # ---- building
     def dataset_context(self):
