@@ -9,19 +9,22 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from podium.common.structured import as_config
 from podium.engine import registry
 from podium.engine.loading import make_loader
 from podium.errors import UserError
 from podium.tasks.segmentation import data
 from podium.tasks.segmentation.data import (
+    SegImageDataset,
+    SegPatchDataset,
+    carve_splits,
+)
+from podium.tasks.segmentation.pipeline import (
     DriveConfig,
     SegDataConfig,
     SegFolderConfig,
-    SegImageDataset,
     SegNnunetConfig,
-    SegPatchDataset,
     SyntheticFundusConfig,
-    carve_splits,
     prepare_image,
 )
 from podium.tasks.segmentation.readers import (
@@ -46,7 +49,7 @@ def plain_cfg(**values):
     """A SegDataConfig for direct dataset construction (tiny patches, no CLAHE surprises)."""
     base = {"patch_size": [16, 16], "patches_per_image": 4, "clahe": "none", "fov": "file"}
     base.update(values)
-    return data.as_config(base, SegDataConfig)
+    return as_config(base, SegDataConfig)
 
 
 @pytest.fixture(scope="module")

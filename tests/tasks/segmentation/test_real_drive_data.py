@@ -10,7 +10,7 @@ from PIL import Image
 
 from podium.engine import registry
 from podium.tasks.segmentation import data
-from podium.tasks.segmentation.data import DriveConfig, prepare_image
+from podium.tasks.segmentation.pipeline import DriveConfig, prepare_image
 from podium.tasks.segmentation.preprocess import estimate_fov
 from podium.tasks.segmentation.readers import (
     drive_records,

@@ -207,7 +207,7 @@ class SegmentationTask(Task):
         from rich.progress import track
 
         from podium.tasks.segmentation import plots
-        from podium.tasks.segmentation.data import prepare_image
+        from podium.tasks.segmentation.pipeline import prepare_image
         from podium.tasks.segmentation.preprocess import resize_image, resize_mask
         from podium.tasks.segmentation.readers import read_image
 
@@ -269,7 +269,7 @@ class SegmentationTask(Task):
         return SegmentationProbabilities(model, self.cfg.task.tta_flips)
 
     def serving_spec(self) -> dict:
-        from podium.tasks.segmentation.data import _common_config
+        from podium.tasks.segmentation.pipeline import _common_config
 
         c = _common_config(self.cfg.data)
         h, w = (int(s) for s in self.cfg.task.window)
@@ -293,7 +293,7 @@ class SegmentationTask(Task):
                                    "field of view, resize to the original size with nearest neighbour"}}
 
     def serving_preprocess(self, image):
-        from podium.tasks.segmentation.data import prepare_image
+        from podium.tasks.segmentation.pipeline import prepare_image
 
         tensor, fov = prepare_image(image, self.cfg.data)
         h, w = tensor.shape[-2:]
