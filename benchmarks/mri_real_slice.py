@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=None, help="a trained varnet_sim2real run (skip training)")
     parser.add_argument("--override", action="append", default=[], help="config override for training")
     parser.add_argument("--run-root", type=Path, default=REPO / "runs" / "bench")
-    parser.add_argument("--adapt-steps", type=int, default=60,
+    parser.add_argument("--adapt-steps", type=int, default=150,
                         help="self-supervised adaptation steps on the slice's own k-space (0: off)")
     parser.add_argument("--adapt-lr", type=float, default=None, help="adaptation learning rate (default: AdaptConfig's)")
     args = parser.parse_args()
