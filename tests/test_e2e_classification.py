@@ -175,10 +175,13 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    # many epochs: on a loaded machine the signal must still find the run in training
+    # many epochs: on a loaded machine the signal must still find the run in training. The child
+    # gets SIGINT's default disposition, as in a terminal: a test process that ignores SIGINT
+    # (some launchers set SIG_IGN, and children inherit it) would otherwise pass that on.
     proc = subprocess.Popen([sys.executable, "-m", "podium", "train", *KILL_RUN, "trainer.max_epochs=50",
                              f"run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_checkpoint(run_dir / "checkpoints/last.pt", proc, lambda s: s["step"] >= 5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
