@@ -76,3 +76,14 @@ def decode_image_bytes(data: bytes, channels: int, name: str = "request", max_pi
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise UserError(f"{name}: cannot read image: {str(e) or type(e).__name__}") from None
     return TF.pil_to_tensor(img)
+
+
+def channel_stats(values, channels: int, key: str) -> list[float]:
+    """data.mean / data.std as one float per channel: a single value is repeated; any other
+    count than 1 or `channels` is a UserError naming data.<key>."""
+    values = [values] if isinstance(values, (int, float)) else list(values)
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise UserError(f"data.{key} has {len(values)} values; expected 1 or {channels} (data.channels).")
+    return [float(v) for v in values]

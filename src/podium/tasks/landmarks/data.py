@@ -45,16 +45,26 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from podium.common.augment import plain
-from podium.common.images import load_image
+from podium.common.images import channel_stats, load_image
+from podium.common.structured import as_config
 from podium.engine.registry import register
 from podium.errors import UserError
-from podium.common.structured import as_config
+from podium.tasks.landmarks.augment import (
+    LandmarkAugment,
+    LandmarkAugmentConfig,
+    check_augment,
+)
 from podium.tasks.landmarks.cache import PreprocessCache, resolve_cache_dir
 from podium.tasks.landmarks.geometry import Letterbox, letterbox
-from podium.tasks.landmarks.augment import LandmarkAugment, LandmarkAugmentConfig, check_augment
 from podium.tasks.landmarks.readers import (
-    ISBI2015_LANDMARKS, ISBI_GROUND_TRUTHS, ISBI_LAYOUTS, LandmarkRecord, read_image_size,
-    read_isbi_csv, read_isbi_original, read_landmark_table,
+    ISBI2015_LANDMARKS,
+    ISBI_GROUND_TRUTHS,
+    ISBI_LAYOUTS,
+    LandmarkRecord,
+    read_image_size,
+    read_isbi_csv,
+    read_isbi_original,
+    read_landmark_table,
 )
 
 log = logging.getLogger(__name__)
@@ -120,7 +130,7 @@ def _common_config(cfg: Any) -> LandmarkDataConfig:
 
 def _normalise(raw: torch.Tensor, c: LandmarkDataConfig) -> torch.Tensor:
     image = v2.ToDtype(torch.float32, scale=True)(tv_tensors.Image(raw))
-    mean, std = _norm_stats(c.mean, c.channels, "mean"), _norm_stats(c.std, c.channels, "std")
+    mean, std = channel_stats(c.mean, c.channels, "mean"), channel_stats(c.std, c.channels, "std")
     return v2.Normalize(mean, std)(image).as_subclass(torch.Tensor)
 
 
@@ -146,15 +156,6 @@ def prepare_decoded(image: torch.Tensor, cfg: Any) -> tuple[torch.Tensor, Letter
     raw = torch.from_numpy(np.ascontiguousarray(boxed))
     raw = raw.unsqueeze(0) if raw.ndim == 2 else raw.permute(2, 0, 1).contiguous()
     return _normalise(raw, c), lb
-
-
-def _norm_stats(values: Sequence[float] | float, channels: int, key: str) -> list[float]:
-    values = [values] if isinstance(values, (int, float)) else list(values)
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise UserError(f"data.{key} has {len(values)} values; expected 1 or {channels} (data.channels).")
-    return [float(v) for v in values]
 
 
 class LandmarkDataset(Dataset):
@@ -188,7 +189,7 @@ class LandmarkDataset(Dataset):
         self.train = bool(train)
         self.augment = LandmarkAugment(augment) if (train and augment is not None and augment.enabled) else None
         self.to_float = v2.ToDtype(torch.float32, scale=True)
-        self.normalize = v2.Normalize(_norm_stats(mean, channels, "mean"), _norm_stats(std, channels, "std"))
+        self.normalize = v2.Normalize(channel_stats(mean, channels, "mean"), channel_stats(std, channels, "std"))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -273,8 +274,8 @@ def check_common(c: LandmarkDataConfig) -> None:
         raise UserError(f"data.image_size must be [H, W] with integers >= 8, got {size}.")
     if c.channels not in (1, 3):
         raise UserError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {c.channels!r}.")
-    _norm_stats(c.mean, c.channels, "mean")
-    std = _norm_stats(c.std, c.channels, "std")
+    channel_stats(c.mean, c.channels, "mean")
+    std = channel_stats(c.std, c.channels, "std")
     if any(s <= 0 for s in std):
         raise UserError(f"data.std must be positive, got {std}.")
     check_augment(c.augment)

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from podium.common.images import channel_stats
 from podium.common.structured import as_config
 from podium.engine.registry import register
 from podium.errors import UserError
@@ -62,7 +63,6 @@ from podium.tasks.segmentation.pipeline import (
     SegFolderConfig,
     SegNnunetConfig,
     SyntheticFundusConfig,
-    _norm_stats,
     check_classes,
     check_common,
     default_values,
@@ -109,8 +109,8 @@ class _SegDataset(Dataset):
         self.prepared = list(prepared)
         if len(self.prepared) != len(self.records):
             raise ValueError("prepared images and records differ in length")
-        self.mean = _norm_stats(cfg.mean, cfg.channels, "mean")
-        self.std = _norm_stats(cfg.std, cfg.channels, "std")
+        self.mean = channel_stats(cfg.mean, cfg.channels, "mean")
+        self.std = channel_stats(cfg.std, cfg.channels, "std")
 
     def sample_id(self, index: int) -> str:
         return self.records[index].id

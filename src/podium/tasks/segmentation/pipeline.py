@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from podium.common.augment import plain
+from podium.common.images import channel_stats
 from podium.common.structured import as_config
 from podium.errors import UserError
 from podium.tasks.segmentation.preprocess import (
@@ -123,15 +124,6 @@ class SyntheticFundusConfig(SegDataConfig):
     test_count: int = 4
 
 
-def _norm_stats(values: Sequence[float] | float, channels: int, key: str) -> list[float]:
-    values = [values] if isinstance(values, (int, float)) else list(values)
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise UserError(f"data.{key} has {len(values)} values; expected 1 or {channels} (data.channels).")
-    return [float(v) for v in values]
-
-
 def check_common(c: SegDataConfig) -> None:
     """UserError naming the key for every invalid common field."""
     if c.channels not in (1, 3):
@@ -141,8 +133,8 @@ def check_common(c: SegDataConfig) -> None:
         raise UserError(f"data.fov must be one of {', '.join(FOV_MODES)}, got {c.fov!r}.")
     if not 0 < c.scale <= 8:
         raise UserError(f"data.scale must be in (0, 8] (a resize factor), got {c.scale!r}.")
-    _norm_stats(c.mean, c.channels, "mean")
-    if any(s <= 0 for s in _norm_stats(c.std, c.channels, "std")):
+    channel_stats(c.mean, c.channels, "mean")
+    if any(s <= 0 for s in channel_stats(c.std, c.channels, "std")):
         raise UserError(f"data.std must be positive, got {list(c.std)}.")
     patch = list(c.patch_size)
     if len(patch) != 2 or any(not isinstance(s, int) or s < 1 for s in patch):
@@ -249,7 +241,7 @@ def prepare_image(image: np.ndarray | torch.Tensor, cfg: Any, fov: np.ndarray | 
     if fov is not None and np.asarray(fov).shape != image.shape[:2]:
         raise UserError(f"FOV mask has shape {np.asarray(fov).shape}; its image is {image.shape[:2]} (H, W).")
     _, raw, fov_out = preprocess(image, c, fov)
-    mean, std = _norm_stats(c.mean, c.channels, "mean"), _norm_stats(c.std, c.channels, "std")
+    mean, std = channel_stats(c.mean, c.channels, "mean"), channel_stats(c.std, c.channels, "std")
     return normalise(raw, mean, std), torch.from_numpy(fov_out)
 
 

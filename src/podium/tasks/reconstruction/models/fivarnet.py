@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from podium.engine.registry import register
 from podium.errors import UserError
-from podium.tasks.reconstruction.fft import ifft2c, rss_complex
 from podium.tasks.reconstruction.models.unet import ChannelNormUnet, NormUnet
 from podium.tasks.reconstruction.models.varnet import (
+    KSpaceNetwork,
     LowFrequencies,
     SensitivityModel,
     VarNetBlock,
@@ -138,7 +138,7 @@ class FeatureCascade(nn.Module):
         return features - data_consistency - self.regularizer(features)
 
 
-class FIVarNet(nn.Module):
+class FIVarNet(KSpaceNetwork):
     def __init__(
         self,
         feature_cascades: int = 12,
@@ -195,18 +195,9 @@ class FIVarNet(nn.Module):
         """The estimated coil sensitivities (B, coils, H, W, 2)."""
         return self.sens_net(masked_kspace, mask, num_low_frequencies)
 
-    def forward(
-        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
-    ) -> Tensor:
-        """(B, coils, H, W, 2) k-space, (B, 1, 1, W, 1) mask -> (B, H, W) RSS image."""
-        return rss_complex(ifft2c(self.predicted_kspace(masked_kspace, mask, num_low_frequencies)), dim=1)
-
     def predicted_kspace(
         self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
     ) -> Tensor:
-        """The last cascade's multi-coil k-space (B, coils, H, W, 2): what self-supervised
-        adaptation compares with held-out measurements. The mask may also be a per-point
-        (B, 1, H, W, 1) mask (the calibration columns must then be given or fully kept)."""
         check_inputs(masked_kspace, mask)
         mask = mask.to(masked_kspace.dtype)
         sens_maps = self.sens_maps(masked_kspace, mask, num_low_frequencies)

@@ -183,7 +183,26 @@ def check_inputs(masked_kspace: Tensor, mask: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class VarNet(nn.Module):
+class KSpaceNetwork(nn.Module):
+    """A network whose last step is multi-coil k-space: `predicted_kspace` returns it, `forward`
+    its root-sum-of-squares image."""
+
+    def forward(
+        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
+    ) -> Tensor:
+        """(B, coils, H, W, 2) k-space, (B, 1, 1, W, 1) mask -> (B, H, W) RSS image."""
+        return rss_complex(ifft2c(self.predicted_kspace(masked_kspace, mask, num_low_frequencies)), dim=1)
+
+    def predicted_kspace(
+        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
+    ) -> Tensor:
+        """The last cascade's multi-coil k-space (B, coils, H, W, 2): what self-supervised
+        adaptation compares with held-out measurements. The mask may also be a per-point
+        (B, 1, H, W, 1) mask (the calibration columns must then be given or fully kept)."""
+        raise NotImplementedError
+
+
+class VarNet(KSpaceNetwork):
     def __init__(
         self,
         num_cascades: int = 12,
@@ -213,18 +232,9 @@ class VarNet(nn.Module):
         """The estimated coil sensitivities (B, coils, H, W, 2)."""
         return self.sens_net(masked_kspace, mask, num_low_frequencies)
 
-    def forward(
-        self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
-    ) -> Tensor:
-        """(B, coils, H, W, 2) k-space, (B, 1, 1, W, 1) mask -> (B, H, W) RSS image."""
-        return rss_complex(ifft2c(self.predicted_kspace(masked_kspace, mask, num_low_frequencies)), dim=1)
-
     def predicted_kspace(
         self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
     ) -> Tensor:
-        """The last cascade's multi-coil k-space (B, coils, H, W, 2): what self-supervised
-        adaptation compares with held-out measurements. The mask may also be a per-point
-        (B, 1, H, W, 1) mask (the calibration columns must then be given or fully kept)."""
         check_inputs(masked_kspace, mask)
         mask = mask.to(masked_kspace.dtype)
         sens_maps = self.sens_maps(masked_kspace, mask, num_low_frequencies)
