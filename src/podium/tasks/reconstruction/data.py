@@ -89,6 +89,11 @@ class SimulatedDataConfig(MRIDataConfig):
     object_width: list[float] = field(default_factory=lambda: [1.0, 1.2])  # > 1: FOV fold-over
     phase_band: list[float] = field(default_factory=lambda: [0.6, 0.75])  # acquired column fraction
     noise_ratio: list[float] = field(default_factory=lambda: [0.01, 0.02])
+    # raw k-space files whose calibration blocks give real coil maps (coil_bank.py); a share
+    # real_maps_p of simulated slices use them, the rest analytic surface coils
+    coil_maps: list[str] = field(default_factory=list)
+    real_maps_p: float = 0.5
+    calibration_fraction: float = 0.08  # centre columns read from each coil_maps file
     train_size: int = 200  # samples per epoch (fresh simulations every epoch)
     val_volumes: int = 2
     val_slices: int = 4  # per volume

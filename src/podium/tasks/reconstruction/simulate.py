@@ -52,6 +52,7 @@ class SimulationParams:
     bias_strength: float = 0.3
     gamma: tuple[float, float] = (0.8, 1.25)  # contrast variation of the source image
     add_scalp: bool = True  # skull-stripped sources (the MNI template) get CSF, skull, fat, skin
+    real_maps_p: float = 0.0  # share of slices whose coil maps come from a CoilMapBank (real scans)
 
 
 @dataclass
@@ -272,14 +273,26 @@ def rss_image(kspace: np.ndarray) -> np.ndarray:
     return np.sqrt((np.abs(ifft2c_np(kspace)) ** 2).sum(0)).astype(np.float32)
 
 
-def simulate_slice(image: np.ndarray, params: SimulationParams, rng: np.random.Generator) -> SimulatedSlice:
-    """One fully sampled multi-coil slice (and its RSS reference) from a real 2-D image."""
+def simulate_slice(image: np.ndarray, params: SimulationParams, rng: np.random.Generator,
+                   coil_bank=None) -> SimulatedSlice:
+    """One fully sampled multi-coil slice (and its RSS reference) from a real 2-D image.
+
+    With a `coil_bank` (coil_bank.CoilMapBank), a share `params.real_maps_p` of slices use coil
+    maps measured on real scans instead of the analytic surface coils."""
     h, w = params.shape
     canvas = place_on_canvas(image, params, rng)
     bias = np.exp(smooth_field(canvas.shape, rng, params.bias_strength))
     phase = smooth_field(canvas.shape, rng, rng.uniform(0, np.pi / 2), cutoff=2)  # B0 / object phase
     obj = canvas * bias * np.exp(1j * phase)
-    maps = coil_maps(params.num_coils, canvas.shape, rng, rng.uniform(*params.coil_radius))
+    if coil_bank is not None and params.real_maps_p > 0 and rng.random() < params.real_maps_p:
+        from podium.tasks.reconstruction.coil_bank import tile_to_canvas
+
+        if coil_bank.num_coils != params.num_coils:
+            raise UserError(f"data.coil_maps: the scans have {coil_bank.num_coils} coils, "
+                            f"data.num_coils is {params.num_coils}.")
+        maps = tile_to_canvas(coil_bank.draw((h, w), rng), canvas.shape[1])
+    else:
+        maps = coil_maps(params.num_coils, canvas.shape, rng, rng.uniform(*params.coil_radius))
     coil_images = fold(maps * obj[None], w)
     kspace = fft2c_np(coil_images)
     clean_max = float(np.sqrt((np.abs(coil_images) ** 2).sum(0)).max())
@@ -305,13 +318,13 @@ def measure_noise_ratio(kspace: np.ndarray, rows: int = 6) -> float:
 
 
 def simulate_volume_h5(path: str | os.PathLike, images: list[np.ndarray], params: SimulationParams,
-                       seed: int, acquisition: str = "AXT1_SIM") -> Path:
+                       seed: int, acquisition: str = "AXT1_SIM", coil_bank=None) -> Path:
     """Write simulated slices as one fastMRI-format HDF5 volume (`kspace`, `reconstruction_rss`,
     `ismrmrd_header` with the acquired band as the encoding limits, attrs max/norm)."""
     from podium.tasks.reconstruction.readers import write_fastmri_h5
 
     rng = np.random.default_rng(seed)
-    slices = [simulate_slice(img, params, rng) for img in images]
+    slices = [simulate_slice(img, params, rng, coil_bank) for img in images]
     # one volume shares one band (a scan has one matrix): re-cut every slice to the first's band
     left, right = slices[0].padding
     kspace = np.stack([s.kspace for s in slices])

@@ -26,6 +26,7 @@ from podium.engine.registry import register
 from podium.errors import UserError
 from podium.tasks.reconstruction import rawfiles
 from podium.tasks.reconstruction import simulate as sim
+from podium.tasks.reconstruction.coil_bank import CoilMapBank
 from podium.tasks.reconstruction.data import (
     MaskPolicy, SimulatedDataConfig, SliceDataset, _cache_dir, anatomy_id, make_sample)
 
@@ -33,7 +34,19 @@ from podium.tasks.reconstruction.data import (
 def simulation_params(cfg: SimulatedDataConfig) -> sim.SimulationParams:
     return sim.SimulationParams(shape=tuple(cfg.shape), num_coils=cfg.num_coils,
                                 object_width=tuple(cfg.object_width), phase_band=tuple(cfg.phase_band),
-                                noise_ratio=tuple(cfg.noise_ratio))
+                                noise_ratio=tuple(cfg.noise_ratio),
+                                real_maps_p=cfg.real_maps_p if cfg.coil_maps else 0.0)
+
+
+def coil_map_bank(cfg: SimulatedDataConfig):
+    """Real coil maps from `data.coil_maps` (None when the list is empty)."""
+    if not cfg.coil_maps:
+        return None
+    if not 0.0 <= cfg.real_maps_p <= 1.0:
+        raise UserError(f"data.real_maps_p={cfg.real_maps_p}: expected a probability in [0, 1].")
+    if not 0.0 < cfg.calibration_fraction < 1.0:
+        raise UserError(f"data.calibration_fraction={cfg.calibration_fraction}: expected a fraction in (0, 1).")
+    return CoilMapBank.from_files(list(cfg.coil_maps), cfg.calibration_fraction)
 
 
 def source_images(cfg: SimulatedDataConfig) -> list[np.ndarray]:
@@ -57,10 +70,11 @@ class SimulatedSlices(Dataset):
     """`size` samples per epoch, each simulated from a source image with the sample's seed."""
 
     def __init__(self, images: list[np.ndarray], params: sim.SimulationParams, cfg: SimulatedDataConfig,
-                 policy: MaskPolicy, size: int):
+                 policy: MaskPolicy, size: int, coil_bank: CoilMapBank | None = None):
         if not images:
             raise UserError("no source images to simulate from.")
         self.images, self.params, self.cfg, self.policy, self.size = images, params, cfg, policy, size
+        self.coil_bank = coil_bank
         self.volume_names = ["simulated"]
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,7 +87,7 @@ class SimulatedSlices(Dataset):
         # the seed comes from torch's generator, which SeededDataset sets per (seed, epoch, index)
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
         image = self.images[int(rng.integers(len(self.images)))]
-        s = sim.simulate_slice(image, self.params, rng)
+        s = sim.simulate_slice(image, self.params, rng, self.coil_bank)
         sampled = self.policy.sample(f"sim:{index}", 0, s.kspace.shape[-1])
         mask = sampled.mask.copy()
         left, right = s.padding
@@ -111,11 +125,16 @@ class RawKspaceSlices(Dataset):
         return sample
 
 
-def _materialise_val(cfg: SimulatedDataConfig, images: list[np.ndarray], seed: int) -> list[Path]:
+def _materialise_val(cfg: SimulatedDataConfig, images: list[np.ndarray], seed: int,
+                     coil_bank: CoilMapBank | None = None) -> list[Path]:
     """Simulate the validation volumes once; the folder name hashes everything that shapes them."""
     params = simulation_params(cfg)
-    key = json.dumps({"params": asdict(params), "source": cfg.source, "volumes": cfg.val_volumes,
-                      "slices": cfg.val_slices, "seed": seed, "version": 1}, sort_keys=True)
+    fields = {"params": asdict(params), "source": cfg.source, "volumes": cfg.val_volumes,
+              "slices": cfg.val_slices, "seed": seed, "version": 1}
+    if coil_bank is not None:  # the maps' files, by content (a path alone could be rewritten)
+        fields["coil_maps"] = [hashlib.sha1(m.tobytes()).hexdigest() for m in coil_bank.map_sets]
+        fields["calibration_fraction"] = cfg.calibration_fraction
+    key = json.dumps(fields, sort_keys=True)
     folder = _cache_dir(cfg) / f"sim-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -123,7 +142,7 @@ def _materialise_val(cfg: SimulatedDataConfig, images: list[np.ndarray], seed: i
         path = folder / f"val_{v:03d}.h5"
         if not path.exists():
             picks = [images[(v * cfg.val_slices + i) % len(images)] for i in range(cfg.val_slices)]
-            sim.simulate_volume_h5(path, picks, params, seed=seed * 1000 + v)
+            sim.simulate_volume_h5(path, picks, params, seed=seed * 1000 + v, coil_bank=coil_bank)
         paths.append(path)
     return paths
 
@@ -136,8 +155,10 @@ def simulated_datasets(cfg, seed: int = 0, max_epochs: int = 1, **_):
         raise UserError(f"data.shape={list(cfg.shape)}: expected [readout, phase].")
     train_images, val_images = split_images(source_images(cfg))
     params = simulation_params(cfg)
-    out = {"train": SimulatedSlices(train_images, params, cfg, MaskPolicy(cfg.mask, True, max_epochs), cfg.train_size)}
-    val_files = _materialise_val(cfg, val_images or train_images, seed=0)
+    bank = coil_map_bank(cfg)
+    out = {"train": SimulatedSlices(train_images, params, cfg, MaskPolicy(cfg.mask, True, max_epochs),
+                                    cfg.train_size, bank)}
+    val_files = _materialise_val(cfg, val_images or train_images, seed=0, coil_bank=bank)
     out["val"] = SliceDataset(val_files, cfg, MaskPolicy(cfg.mask, False), _cache_dir(cfg))
     if cfg.real_test:
         out["test_real"] = RawKspaceSlices(list(cfg.real_test), cfg.real_test_axes, cfg, MaskPolicy(cfg.mask, False))
