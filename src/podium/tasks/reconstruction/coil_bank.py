@@ -49,13 +49,11 @@ def _fill_background(maps: np.ndarray, support: np.ndarray) -> np.ndarray:
             break
         norm = ndimage.gaussian_filter(weight, sigma, mode="wrap")
         ok = missing & (norm > 1e-3)
+        def blur(part: np.ndarray) -> np.ndarray:
+            return ndimage.gaussian_filter(part * weight, sigma, mode="wrap") / np.maximum(norm, 1e-12)
+
         for c in range(maps.shape[0]):
-            for part in (np.real, np.imag):
-                smooth = ndimage.gaussian_filter(part(maps[c]) * weight, sigma, mode="wrap") / np.maximum(norm, 1e-12)
-                if part is np.real:
-                    out[c].real[ok] = smooth[ok]
-                else:
-                    out[c].imag[ok] = smooth[ok]
+            out[c][ok] = (blur(maps[c].real) + 1j * blur(maps[c].imag))[ok]
         missing &= ~ok
     return out
 

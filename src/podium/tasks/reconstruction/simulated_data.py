@@ -46,7 +46,10 @@ def coil_map_bank(cfg: SimulatedDataConfig):
         raise UserError(f"data.real_maps_p={cfg.real_maps_p}: expected a probability in [0, 1].")
     if not 0.0 < cfg.calibration_fraction < 1.0:
         raise UserError(f"data.calibration_fraction={cfg.calibration_fraction}: expected a fraction in (0, 1).")
-    return CoilMapBank.from_files(list(cfg.coil_maps), cfg.calibration_fraction)
+    bank = CoilMapBank.from_files(list(cfg.coil_maps), cfg.calibration_fraction)
+    if bank.num_coils != cfg.num_coils:  # fail before training, not at the first drawn slice
+        raise UserError(f"data.coil_maps: the scans have {bank.num_coils} coils, data.num_coils is {cfg.num_coils}.")
+    return bank
 
 
 def source_images(cfg: SimulatedDataConfig) -> list[np.ndarray]:
