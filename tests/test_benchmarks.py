@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,19 @@ def test_varnet_memory_quick_writes_ratios(tmp_path):
     for variant in ("plain", "checkpointing"):
         assert _positive(data["figures"][variant]["step_s"])
     assert _positive(data["time_ratio"]) and data["memory_ratio"] >= 0
+
+
+@pytest.mark.slow
+def test_channels_last_quick_times_every_family(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "channels_last.py"), "--quick", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["case"].split()[0] for c in cases] == ["landmarks", "segmentation", "classification", "MRI"]
+    for case in cases:
+        assert all(_positive(case[k]) for k in ("nchw_ms", "nhwc_ms", "speedup"))
 
 
 DRIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "drive" / "training"

@@ -238,3 +238,83 @@ def test_warmup_and_cosine_schedule_reach_the_optimizer(tmp_path):
     lrs = [r["lr"] for r in t.state.history]
     assert lrs[-1] == pytest.approx(0.05 * 0.1, rel=1e-6)
     assert all(math.isfinite(x) for x in lrs)
+
+
+class ConvTask(ToyAdaptationTask):
+    """Images -> a small CNN: what trainer.channels_last acts on (4-D convolution weights)."""
+
+    def build_datasets(self):
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(32, 3, 16, 16, generator=g)
+        y = x.mean((1, 2, 3))
+        data = [(x[i], y[i], i % 2) for i in range(32)]
+        return {"train": data, "val": data[:12]}
+
+    def build_model(self):
+        # no bias before BatchNorm: its gradient is rounding noise, which Adam would amplify
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+
+    def build_aux_modules(self, model):
+        return {}
+
+    def train_loaders(self, datasets, make_loader):
+        return {"source": make_loader(datasets["train"], train=True)}
+
+    def training_step(self, model, batch, ctx):
+        x, y, _ = batch
+        return {"loss": nn.functional.mse_loss(model(x).squeeze(1), y)}
+
+    def on_optimizer_step(self, model, ctx):
+        pass
+
+
+def run_conv(tmp_path, **trainer):
+    cfg = make_cfg(tmp_path, **trainer)
+    t = Trainer(cfg, ConvTask(cfg), tmp_path, make_fabric(cfg.trainer, console=None))
+    t.setup()
+    t.fit(None)
+    return t
+
+
+def test_channels_last_trains_the_same_model_in_nhwc(tmp_path):
+    # SGD: Adam would scale the rounding differences of near-zero gradients up to full steps
+    plain = run_conv(tmp_path / "plain", trainer__max_epochs=2, optim__name="sgd")
+    nhwc = run_conv(tmp_path / "nhwc", trainer__max_epochs=2, optim__name="sgd", trainer__channels_last=True)
+    conv = _unwrap(nhwc.model)[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert _unwrap(plain.model)[0].weight.is_contiguous()
+    a, b = weights(plain), weights(nhwc)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    # the checkpoint loads into a model built the ordinary way
+    fresh = ConvTask(make_cfg(tmp_path)).build_model()
+    fresh.load_state_dict(load_checkpoint(tmp_path / "nhwc/checkpoints/last.pt")["model"])
+    assert same(fresh.state_dict(), b)
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_threads_exact_count_and_every_core(tmp_path, restore_threads):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    run(tmp_path / "one", trainer__max_epochs=1, trainer__cpu_threads=1)
+    assert torch.get_num_threads() == 1
+    run(tmp_path / "all", trainer__max_epochs=1, trainer__cpu_threads=0, trainer__num_workers=1)
+    assert torch.get_num_threads() == cores
+    torch.set_num_threads(cores)
+    run(tmp_path / "auto", trainer__max_epochs=1, trainer__num_workers=1)  # -1: leave the worker its core
+    assert torch.get_num_threads() == max(1, cores - 1)
+
+
+def test_cpu_threads_below_minus_one_is_a_user_error(tmp_path, restore_threads):
+    from podium.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.cpu_threads"):
+        run(tmp_path, trainer__cpu_threads=-3)
