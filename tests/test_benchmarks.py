@@ -107,6 +107,29 @@ def test_channels_last_quick_times_every_family(tmp_path):
         assert all(_positive(case[k]) for k in ("nchw_ms", "nhwc_ms", "speedup"))
 
 
+ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2015_ceph"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not ISBI.is_dir(), reason="../shared/data/isbi2015_ceph is absent")
+def test_landmarks_isbi_quick_reports_test1_per_landmark(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "landmarks_isbi.py"), "--quick", "--json", str(out),
+                           "--run-dir", str(tmp_path / "run")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["ground_truth"] == "senior" and _positive(data["loading"]["speedup"])
+    training = data["training"]
+    assert _positive(training["metrics"]["test1/mre_mm"])
+    rows = training["per_landmark_test1"]
+    assert len(rows) == 19 and rows[0]["landmark"] == "sella"
+    for row in rows:
+        assert _positive(row["mre_mm"]) and math.hypot(row["offset_x_mm"], row["offset_y_mm"]) <= row["mre_mm"] + 1e-3
+
+
 DRIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "drive" / "training"
 
 

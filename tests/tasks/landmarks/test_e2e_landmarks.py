@@ -96,6 +96,14 @@ def test_train_writes_mm_metrics_plots_and_predictions(synth_run):
     assert list(rows[0]) == ["id", *[f"{n}_{a}" for n in names for a in ("x", "y")],
                              *[f"{n}_err_mm" for n in names]]
     assert [r["id"] for r in rows] == ["0000.png", "0001.png", "0002.png"]
+    table = read_csv(run_dir / "predictions" / "per_landmark_test.csv")
+    assert [r["landmark"] for r in table] == names
+    assert list(table[0]) == ["landmark", "mre_mm", "std_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm",
+                              "offset_x_mm", "offset_y_mm"]
+    for k, row in enumerate(table):
+        assert float(row["mre_mm"]) == pytest.approx(metrics[f"test/mre_mm/L{k}"], abs=1e-3)
+        # the mean offset can never exceed the mean radial error
+        assert math.hypot(float(row["offset_x_mm"]), float(row["offset_y_mm"])) <= float(row["mre_mm"]) + 1e-3
 
 
 def test_eval_reproduces_the_test_metrics(synth_run):

@@ -178,6 +178,29 @@ def test_per_landmark_table_and_format():
     assert "-" in metrics.format_table(rows).splitlines()[-1]
 
 
+def test_mean_offsets_separate_systematic_error_from_scatter():
+    rng = np.random.default_rng(1)
+    target = rng.uniform(100, 900, size=(200, 2, 2))
+    scatter = rng.normal(0, 5, size=(200, 2, 2))
+    pred = target + scatter
+    pred[:, 1] += [20.0, -10.0]  # landmark 1: 20 px right, 10 px up, on every image
+    spacing = np.full((200, 2), 0.1)
+    spacing[::2, 1] = 0.2  # anisotropic images count in mm, not pixels
+    offsets = metrics.mean_offsets_mm(pred, target, spacing)
+    assert offsets.shape == (2, 2)
+    assert np.abs(offsets[0]).max() < 0.15  # pure scatter: no offset
+    assert offsets[1][0] == pytest.approx(2.0, abs=0.1)
+    assert offsets[1][1] == pytest.approx(-10 * 0.15, abs=0.15)
+    pred[:, 0] = np.nan  # never visible
+    assert np.isnan(metrics.mean_offsets_mm(pred, target, spacing)[0]).all()
+    rows = metrics.per_landmark_table(metrics.radial_errors_mm(pred, target, spacing), ["a", "b"],
+                                      offsets=metrics.mean_offsets_mm(pred, target, spacing))
+    assert rows[1]["offset_x_mm"] == pytest.approx(2.0, abs=0.1)
+    assert "offset x mm" in metrics.format_table(rows)
+    with pytest.raises(ValueError, match="offsets"):
+        metrics.per_landmark_table(np.ones((3, 2)), offsets=np.zeros((3, 2)))
+
+
 def test_plot_cumulative_error(tmp_path):
     rng = np.random.default_rng(0)
     errors = rng.gamma(2.0, 0.7, size=(20, 19))

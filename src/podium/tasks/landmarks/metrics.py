@@ -77,6 +77,22 @@ def radial_errors_mm(pred: np.ndarray, target: np.ndarray, spacing: np.ndarray) 
     return np.sqrt(np.sum(offset_mm**2, axis=-1))
 
 
+def mean_offsets_mm(pred: np.ndarray, target: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """(K, 2) mean signed offset prediction - target per landmark, in mm (x right, y down).
+
+    The systematic part of each landmark's error: a model (or an annotation convention that
+    differs between training and test images) that is consistently off in one direction shows a
+    large offset; a landmark whose errors scatter around the truth shows one near zero. NaN
+    (invisible) points are left out; a landmark never visible gets NaN.
+    """
+    radial_errors_mm(pred, target, spacing)  # the same shape and spacing checks
+    offset = (np.asarray(pred, np.float64) - np.asarray(target, np.float64)) * np.asarray(spacing, np.float64)[:, None, :]
+    seen = np.isfinite(offset).all(-1, keepdims=True)
+    count = seen.sum(0)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, np.where(seen, offset, 0).sum(0) / count, np.nan)
+
+
 def _as_errors(errors: np.ndarray) -> np.ndarray:
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim != 2:
@@ -182,20 +198,26 @@ def per_landmark_table(
     errors: np.ndarray,
     names: Sequence[str] | None = None,
     radii: Sequence[float] = DEFAULT_RADII,
+    offsets: np.ndarray | None = None,
 ) -> list[dict]:
-    """One row per landmark: {landmark, mre_mm, std_mm, sdr_2mm, sdr_2.5mm, sdr_3mm, sdr_4mm}.
+    """One row per landmark: {landmark, mre_mm, std_mm, sdr_2mm, sdr_2.5mm, sdr_3mm, sdr_4mm}
+    and, given `offsets` (K, 2) from `mean_offsets_mm`, offset_x_mm / offset_y_mm.
 
     The SDR keys follow `radii`; NaN errors are left out of each landmark's statistics.
     """
     errors = _as_errors(errors)
     radii = _check_radii(radii)
     names = _names(names, errors.shape[1])
+    if offsets is not None and np.shape(offsets) != (errors.shape[1], 2):
+        raise ValueError(f"offsets must have shape (K, 2) = ({errors.shape[1]}, 2), got {np.shape(offsets)}")
     rows = []
     for k, name in enumerate(names):
         column = errors[~np.isnan(errors[:, k]), k]
         row: dict = {"landmark": name, "mre_mm": _mean(column), "std_mm": _std(column)}
         for radius in radii:
             row[_radius_key(radius)] = _sdr(column, radius)
+        if offsets is not None:
+            row["offset_x_mm"], row["offset_y_mm"] = float(offsets[k][0]), float(offsets[k][1])
         rows.append(row)
     return rows
 
@@ -210,7 +232,8 @@ def format_table(rows: Sequence[dict]) -> str:
     def header(column: str) -> str:
         if column.startswith("sdr_"):
             return f"SDR@{column[4:]} %"
-        return {"landmark": "landmark", "mre_mm": "MRE mm", "std_mm": "SD mm"}.get(column, column)
+        return {"landmark": "landmark", "mre_mm": "MRE mm", "std_mm": "SD mm",
+                "offset_x_mm": "offset x mm", "offset_y_mm": "offset y mm"}.get(column, column)
 
     def cell(column: str, value) -> str:
         if isinstance(value, (float, np.floating)):

@@ -170,7 +170,17 @@ class LandmarkTask(Task):
             for r, err in zip(records, errors):
                 writer.writerow([dataset.records[r["index"]].id, *[f"{v:.2f}" for v in r["pred"].reshape(-1)],
                                  *[f"{e:.3f}" for e in err]])
-        return [path]
+        # per landmark: MRE, SD, SDRs and the mean signed offset (systematic error vs scatter)
+        offsets = lm_metrics.mean_offsets_mm(np.stack([r["pred"] for r in records]),
+                                             np.stack([r["target"] for r in records]),
+                                             np.stack([r["spacing"] for r in records]))
+        rows = lm_metrics.per_landmark_table(errors, names, offsets=offsets)
+        table = out_dir / f"per_landmark_{split}.csv"
+        with table.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
+        return [path, table]
 
     def visualize(self, records, split, out_dir: Path):
         records = sorted(records, key=lambda r: r["index"])
