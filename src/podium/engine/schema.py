@@ -40,7 +40,7 @@ class TrainerConfig:
     grad_clip_norm: float = 0.0  # 0 disables clipping
     gradient_checkpointing: bool = False  # asks the model to recompute activations
     # convolution weights in NHWC (torch.channels_last): oneDNN / cuDNN pick faster kernels for
-    # 2-D convolutions (landmark coarse-to-fine step 1.65x faster on this 2-core CPU; see
+    # 2-D convolutions (landmark coarse-to-fine step 1.38x faster on this 2-core CPU, VarNet 1.10x; see
     # benchmarks/channels_last.py); models without 4-D weights are unaffected
     channels_last: bool = False
     ema: EMAConfig = field(default_factory=EMAConfig)
