@@ -100,7 +100,7 @@ def mri_varnet(quick: bool):
     def loss():
         return (model(kspace * mask, mask, torch.tensor([16])) - target).abs().mean()
 
-    return f"MRI varnet 6/12/6 8x{h}x{w}" if not quick else f"MRI varnet {cascades}/12/6 8x{h}x{w}", model, loss
+    return f"MRI varnet {cascades}/12/6 8x{h}x{w}", model, loss
 
 
 CASES = (landmarks_c2f, segmentation_unet, classification_resnet, mri_varnet)

@@ -313,8 +313,11 @@ def test_cpu_threads_exact_count_and_every_core(tmp_path, restore_threads):
     assert torch.get_num_threads() == max(1, cores - 1)
 
 
-def test_cpu_threads_below_minus_one_is_a_user_error(tmp_path, restore_threads):
+def test_cpu_threads_below_minus_one_is_a_user_error(tmp_path, restore_threads, monkeypatch):
     from podium.errors import UserError
 
+    with pytest.raises(UserError, match="trainer.cpu_threads"):
+        run(tmp_path, trainer__cpu_threads=-3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # checked even when the environment decides
     with pytest.raises(UserError, match="trainer.cpu_threads"):
         run(tmp_path, trainer__cpu_threads=-3)

@@ -129,18 +129,15 @@ class Trainer:
         (measured: digits on 2 cores, 1 worker, 230 vs 51 samples/s). When the workers mostly
         idle (heavy model, cached data) that reservation halves the compute instead, so
         `trainer.cpu_threads` can ask for every core (0) or an exact count."""
+        requested = self.tc.cpu_threads
+        if requested < -1:
+            raise UserError(f"trainer.cpu_threads must be -1 (auto), 0 (every core) or a positive count, got {requested}.")
         if self.fabric.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
             return
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         per_process = max(1, cpus // self.fabric.world_size)
-        requested = self.tc.cpu_threads
-        if requested < -1:
-            raise UserError(f"trainer.cpu_threads must be -1 (auto), 0 (every core) or a positive count, got {requested}.")
-        if requested > 0:
-            torch.set_num_threads(requested)
-            return
-        if requested == 0:
-            torch.set_num_threads(per_process)
+        if requested >= 0:
+            torch.set_num_threads(requested or per_process)
             return
         workers = self.tc.num_workers if self.tc.num_workers >= 0 else default_num_workers(self.fabric.world_size)
         threads = max(1, per_process - workers)
