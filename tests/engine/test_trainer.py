@@ -321,3 +321,29 @@ def test_cpu_threads_below_minus_one_is_a_user_error(tmp_path, restore_threads, 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # checked even when the environment decides
     with pytest.raises(UserError, match="trainer.cpu_threads"):
         run(tmp_path, trainer__cpu_threads=-3)
+
+
+def test_ema_warmup_follows_the_formula_and_forgets_the_initial_weights():
+    from torch.optim.swa_utils import AveragedModel
+
+    from podium.engine.trainer import ema_update
+
+    live = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        live.weight.fill_(0.0)
+    warm = AveragedModel(live, multi_avg_fn=ema_update(0.999, warmup=True))
+    plain = AveragedModel(live, multi_avg_fn=ema_update(0.999, warmup=False))
+    expected_warm, expected_plain = 0.0, 0.0
+    for t in range(1, 301):  # the live weight jumps to 1 after the first (copying) update
+        for ema in (warm, plain):
+            ema.update_parameters(live)
+        if t > 1:
+            d = min(0.999, (1 + t - 1) / (10 + t - 1))  # n_averaged = t - 1 at the t-th call
+            expected_warm = d * expected_warm + (1 - d) * 1.0
+            expected_plain = 0.999 * expected_plain + 0.001 * 1.0
+        with torch.no_grad():
+            live.weight.fill_(1.0)
+    assert warm.module.weight.item() == pytest.approx(expected_warm, rel=1e-5)
+    assert plain.module.weight.item() == pytest.approx(expected_plain, rel=1e-5)
+    # 300 updates: the warmed-up average has forgotten the initial 0, the plain one has not
+    assert warm.module.weight.item() > 0.9 and plain.module.weight.item() < 0.3

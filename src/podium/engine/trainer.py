@@ -93,6 +93,24 @@ def _scalar(value) -> float:
     return float(value.detach().float().mean().item()) if torch.is_tensor(value) else float(value)
 
 
+def ema_update(decay: float, warmup: bool = True):
+    """An AveragedModel `multi_avg_fn`: exponential moving average with decay `decay`, or with
+    min(decay, (1 + t) / (10 + t)) at the t-th update when `warmup` (AveragedModel copies the
+    weights at t = 0 and counts updates in `n_averaged`)."""
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, num_averaged) -> None:
+        t = float(num_averaged)
+        d = min(decay, (1 + t) / (10 + t)) if warmup else decay
+        if torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(a * d + c * (1 - d))
+
+    return update
+
+
 class Trainer:
     def __init__(self, cfg, task: Task, run_dir: Path, fabric, console: Console | None = None,
                  tracker=None):
@@ -174,9 +192,9 @@ class Trainer:
         self.aux = {name: m.to(fabric.device) for name, m in task.build_aux_modules(_unwrap(self.model)).items()}
         self.ema = None
         if self.tc.ema.enabled:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(_unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(self.tc.ema.decay),
+            self.ema = AveragedModel(_unwrap(self.model), multi_avg_fn=ema_update(self.tc.ema.decay, self.tc.ema.warmup),
                                      use_buffers=True)
         task.build_loss(self.datasets)
         self.total_steps = 0
