@@ -140,11 +140,13 @@ class LandmarkTask(Task):
         return [{"index": int(index[i]), "pred": pred_orig[i], "target": np.where(visible[i][:, None], target_orig[i], np.nan),
                  "spacing": spacing[i]} for i in range(len(index))]
 
+    @staticmethod
+    def _stacked(records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pred, target, spacing) over the records, as the metric functions take them."""
+        return tuple(np.stack([r[key] for r in records]) for key in ("pred", "target", "spacing"))
+
     def _errors(self, records) -> np.ndarray:
-        pred = np.stack([r["pred"] for r in records])
-        target = np.stack([r["target"] for r in records])
-        spacing = np.stack([r["spacing"] for r in records])
-        return lm_metrics.radial_errors_mm(pred, target, spacing)
+        return lm_metrics.radial_errors_mm(*self._stacked(records))
 
     def aggregate(self, records, split):
         if not records:
@@ -171,10 +173,7 @@ class LandmarkTask(Task):
                 writer.writerow([dataset.records[r["index"]].id, *[f"{v:.2f}" for v in r["pred"].reshape(-1)],
                                  *[f"{e:.3f}" for e in err]])
         # per landmark: MRE, SD, SDRs and the mean signed offset (systematic error vs scatter)
-        offsets = lm_metrics.mean_offsets_mm(np.stack([r["pred"] for r in records]),
-                                             np.stack([r["target"] for r in records]),
-                                             np.stack([r["spacing"] for r in records]))
-        rows = lm_metrics.per_landmark_table(errors, names, offsets=offsets)
+        rows = lm_metrics.per_landmark_table(errors, names, offsets=lm_metrics.mean_offsets_mm(*self._stacked(records)))
         table = out_dir / f"per_landmark_{split}.csv"
         with table.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
