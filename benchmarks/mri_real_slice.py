@@ -16,7 +16,9 @@ Methods: zero-filled; GRAPPA (k-space, calibrated on the centre block — handle
 fold-over); CG-SENSE with one set of maps (fails on this folded slice, as the ESPIRiT paper
 shows); the VarNet of `experiment=varnet_sim2real`, trained on the simulator only — the real
 slice is never seen in training (only its measured noise level sets the simulator's range);
-and that VarNet fine-tuned on the slice's own undersampled k-space (zero-shot self-supervised
+the same with readout-flip test-time augmentation (task.tta_readout_flip: the mean with the
+reconstruction of the mirrored scan, whose sampled columns are the same); and that VarNet
+fine-tuned on the slice's own undersampled k-space (zero-shot self-supervised
 adaptation, tasks/reconstruction/adapt.py: held-out k-space points, never the reference, decide
 when to stop).
 """
@@ -88,6 +90,7 @@ def varnet_reconstructions(run_dir: Path, kspace: np.ndarray, adapt_cfg=None) ->
     from podium.tasks.reconstruction.adapt import adapt_to_scan
     from podium.tasks.reconstruction.data import make_sample
     from podium.tasks.reconstruction.masks import SNUMask
+    from podium.tasks.reconstruction.task import readout_flip_average
 
     trainer, _ = trainer_for_run(run_dir, [], Console(stderr=True), "best")
     model = trainer.eval_model().eval()
@@ -98,8 +101,10 @@ def varnet_reconstructions(run_dir: Path, kspace: np.ndarray, adapt_cfg=None) ->
                              fg_threshold=0.0, volume=0, slice_index=0, index=0, anatomy=0)
         batch = {k: v[None].to(trainer.fabric.device) for k, v in sample.items()}
         scale = float(sample["scale"])
+        args = (batch["masked_kspace"], batch["mask"], batch["num_low_frequencies"])
         with torch.no_grad():
-            out[acc] = {"varnet_simulated": trainer.task.reconstruct(model, batch)[0].float().cpu().numpy() * scale}
+            out[acc] = {name: readout_flip_average(model, *args, flip)[0].float().cpu().numpy() * scale
+                        for name, flip in (("varnet_simulated", False), ("varnet_simulated_flip_tta", True))}
         if adapt_cfg is not None and adapt_cfg.steps > 0:
             start = time.perf_counter()
             result = adapt_to_scan(getattr(model, "module", model), batch["masked_kspace"], batch["mask"],

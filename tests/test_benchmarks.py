@@ -73,7 +73,9 @@ def test_mri_real_slice_quick_writes_every_method(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads(out.read_text())
     figures = data["figures"]
-    for method in ("zero_filled", "grappa", "sense_one_map", "varnet_simulated", "varnet_adapted"):
+    methods = ("zero_filled", "grappa", "sense_one_map", "varnet_simulated", "varnet_simulated_flip_tta",
+               "varnet_adapted")
+    for method in methods:
         for acc in (4, 8):
             assert 0 < figures[f"{method}_acc{acc}"]["ssim"] <= 1
     # the protocol's floor, as ../shared/reference.md measured it

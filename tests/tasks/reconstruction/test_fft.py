@@ -121,3 +121,16 @@ def test_center_crop_larger_than_the_image_is_a_user_error():
         F.center_crop(np.zeros((8, 8)), (9, 4))
     with pytest.raises(UserError, match="does not fit"):
         F.complex_center_crop(torch.zeros(8, 8, 2), (4, 9))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flip_readout_mirrors_the_image_rows_and_keeps_the_sampled_columns(shape):
+    images = random_complex(shape, seed=3)
+    kspace = to_torch(F.fft2c_np(images))
+    mask = torch.zeros(shape[-1])
+    mask[::3] = 1
+    mask = mask[None, None, None, :, None]
+    flipped = F.flip_readout(kspace * mask, mask)
+    assert torch.all(flipped[..., mask[0, 0, 0, :, 0] == 0, :] == 0)  # unsampled columns stay empty
+    zero_filled = F.ifft2c(kspace * mask)
+    assert torch.allclose(F.ifft2c(flipped), zero_filled.flip(-3), atol=1e-5)

@@ -81,14 +81,44 @@ def test_coil_maps_fall_off_away_from_their_coil():
     assert steps.max() < 0.3
 
 
-def test_add_scalp_surrounds_the_brain_with_a_bright_ring():
+@pytest.mark.parametrize("style", ["layered", "band"])
+def test_add_scalp_surrounds_the_brain_with_a_bright_ring(style):
     brain = phantom() * 0.5
-    head = sim.add_scalp(brain, np.random.default_rng(0))
+    head = sim.add_scalp(brain, np.random.default_rng(0), style, fat_to_brain=(1.5, 2.0))
     assert head.shape[0] > brain.shape[0]  # padded to hold the layers
     centre_row = head[head.shape[0] // 2]
     brain_cols = np.nonzero(centre_row > 0.3)[0]
     assert centre_row.max() > brain.max()  # fat is brighter than the brain on T1
     assert centre_row[brain_cols.min() - 3] < 0.2  # dark CSF/skull between brain and scalp
+
+
+def test_layered_scalp_has_dark_bone_between_bright_rings_at_the_drawn_brightness():
+    brain = phantom(120, 100) * 0.5
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        head = sim.add_scalp(brain, rng, "layered", fat_to_brain=(2.0, 3.0))
+        row = head[head.shape[0] // 2]
+        centre = head.shape[1] // 2
+        brain_left = centre - np.argmax(row[:centre][::-1] < 0.3)  # the brain's left edge
+        ring = row[:brain_left][::-1]  # from the brain outwards
+        fat = int(np.argmax(ring))
+        # the fat, the brightest layer, is 0.7-1 x (2-3 x the brain), up to texture and blur
+        assert 0.5 * 2.0 * 0.7 * 0.85 < ring[fat] < 0.5 * 3.0 * 1.15
+        # between brain and fat: the dark skull tables (cortical bone gives no signal)
+        assert ring[:fat].min() < 0.2 * ring[fat]  # (thin layers, blurred by partial volume)
+    with pytest.raises(UserError, match="data.scalp"):
+        sim.add_scalp(brain, np.random.default_rng(0), "thick")
+
+
+def test_band_scalp_is_the_earlier_model_draw_for_draw():
+    """The earlier model is kept draw for draw, so its simulations stay reproducible (the sum
+    and maximum below were computed with it before the layered model existed)."""
+    head = sim.add_scalp(phantom() * 0.5, np.random.default_rng(0), "band")
+    assert head.shape == (108, 98)
+    assert float(head.sum()) == pytest.approx(1490.75341796875, rel=1e-6)
+    assert float(head.max()) == pytest.approx(0.9959065318107605, rel=1e-6)
+    again = sim.add_scalp(phantom() * 0.5, np.random.default_rng(0), "band", fat_to_brain=(5.0, 6.0))
+    assert np.array_equal(head, again)  # fat_to_brain applies to the layered model only
 
 
 def test_mni_slices_are_real_heads(mni):

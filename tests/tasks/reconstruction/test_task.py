@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from podium.tasks.reconstruction.metrics import psnr, ssim_fastmri
@@ -73,3 +74,38 @@ def test_empty_split_is_a_user_error():
 
     with pytest.raises(UserError, match="no slices"):
         task().aggregate([], "test")
+
+
+class RowWeightedZeroFill(torch.nn.Module):
+    """RSS of the zero-filled image times a ramp over the rows: not mirror-symmetric, so the
+    readout-flip average differs from one pass by a known amount."""
+
+    def forward(self, kspace, mask, low):
+        from podium.tasks.reconstruction.fft import ifft2c, rss_complex
+
+        image = rss_complex(ifft2c(kspace * mask), dim=1)
+        return image * torch.linspace(1.0, 2.0, image.shape[-2])[:, None]
+
+
+def test_readout_flip_tta_averages_the_mirrored_pass_in_evaluation_only():
+    from podium.tasks.reconstruction.serving import KspaceToImage
+
+    torch.manual_seed(0)
+    kspace = torch.randn(1, 3, 10, 8, 2)
+    mask = torch.zeros(1, 1, 1, 8, 1)
+    mask[..., ::2, :] = 1
+    mask[..., 3:5, :] = 1
+    batch = {"masked_kspace": kspace * mask, "mask": mask, "num_low_frequencies": torch.tensor([2]),
+             "target": torch.zeros(1, 10, 8)}
+    model = RowWeightedZeroFill().eval()
+    cfg = OmegaConf.create({"task": {"name": "reconstruction", "snu_metrics": False, "keep_images": True,
+                                     "plots": 1, "tta_readout_flip": True}, "seed": 0})
+    plain, averaged = task().reconstruct(model, batch), ReconstructionTask(cfg).reconstruct(model, batch)
+    ramp = torch.linspace(1.0, 2.0, 10)[:, None]
+    # the mirrored pass weighs every row by the mirrored ramp: the mean ramp is 1.5 everywhere
+    assert torch.allclose(averaged, plain / ramp * 1.5, atol=1e-5)
+    model.train()  # training steps never pay for the second pass
+    assert torch.allclose(ReconstructionTask(cfg).reconstruct(model, batch), plain)
+    model.eval()
+    served = KspaceToImage(model, readout_flip=True)(batch["masked_kspace"])
+    assert torch.allclose(served, averaged, atol=1e-5)

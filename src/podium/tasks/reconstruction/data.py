@@ -89,6 +89,8 @@ class SimulatedDataConfig(MRIDataConfig):
     object_width: list[float] = field(default_factory=lambda: [1.0, 1.2])  # > 1: FOV fold-over
     phase_band: list[float] = field(default_factory=lambda: [0.6, 0.75])  # acquired column fraction
     noise_ratio: list[float] = field(default_factory=lambda: [0.01, 0.02])
+    scalp: str = "layered"  # layered | band (simulate.add_scalp)
+    fat_to_brain: list[float] = field(default_factory=lambda: [1.0, 3.5])  # layered scalp fat / brain
     # raw k-space files whose calibration blocks give real coil maps (coil_bank.py); a share
     # real_maps_p of simulated slices use them, the rest analytic surface coils
     coil_maps: list[str] = field(default_factory=list)

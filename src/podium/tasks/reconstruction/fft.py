@@ -63,6 +63,14 @@ def ifft2c(x: Tensor) -> Tensor:
     return torch.view_as_real(torch.fft.fftshift(z, dim=_IMAGE_DIMS))
 
 
+def flip_readout(kspace: Tensor, mask: Tensor) -> Tensor:
+    """The k-space of the image mirrored along the readout (H) axis, re-masked with `mask`.
+
+    Mirroring rows changes only the ky axis, so the sampled phase-encode columns stay the same:
+    the flipped scan is a valid input for the same column mask (what readout-flip TTA needs)."""
+    return fft2c(ifft2c(kspace).flip(-3)) * mask
+
+
 def complex_mul(a: Tensor, b: Tensor) -> Tensor:
     """Elementwise product of two (..., 2) tensors (broadcasting)."""
     real = a[..., 0] * b[..., 0] - a[..., 1] * b[..., 1]

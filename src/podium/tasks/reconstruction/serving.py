@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from podium.errors import UserError
 from podium.tasks.reconstruction import masks as mk
 from podium.tasks.reconstruction.data import center_block_width, make_sample
+from podium.tasks.reconstruction.task import readout_flip_average
 
 
 def decode_kspace(data: bytes) -> dict:
@@ -79,9 +80,9 @@ class KspaceToImage(nn.Module):
     data; the calibration width is the sampled run through the centre column (0 when that column
     is not sampled), as `podium predict` passes it."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, readout_flip: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.readout_flip = model, readout_flip
 
     def forward(self, masked_kspace: Tensor) -> Tensor:
         sampled = masked_kspace.abs().sum(dim=(1, 2, 4)) > 0  # (B, W)
@@ -90,7 +91,7 @@ class KspaceToImage(nn.Module):
         left = torch.cumprod(sampled[:, :centre].flip(1).to(torch.int64), dim=1).sum(dim=1)
         low = torch.where(sampled[:, centre], left + right, torch.zeros_like(left))
         mask = sampled.to(masked_kspace.dtype)[:, None, None, :, None]
-        return self.model(masked_kspace, mask, low).float()
+        return readout_flip_average(self.model, masked_kspace, mask, low, self.readout_flip).float()
 
 
 def spec(output_note: str) -> dict:

@@ -52,6 +52,8 @@ class SimulationParams:
     bias_strength: float = 0.3
     gamma: tuple[float, float] = (0.8, 1.25)  # contrast variation of the source image
     add_scalp: bool = True  # skull-stripped sources (the MNI template) get CSF, skull, fat, skin
+    scalp: str = "layered"  # layered (skin, fat, galea, tables, diploe) | band (one textured fat band)
+    fat_to_brain: tuple[float, float] = (1.0, 3.5)  # layered scalp: fat peak / brightest brain tissue
     real_maps_p: float = 0.0  # share of slices whose coil maps come from a CoilMapBank (real scans)
 
 
@@ -127,7 +129,7 @@ def render_tissues(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     csf = brain & (np.maximum(gm, wm) < 0.35)
     white = brain & ~csf & (wm >= gm)
     grey = brain & ~csf & ~white
-    intensity = {"wm": rng.uniform(0.85, 1.0), "gm": rng.uniform(0.5, 0.7), "csf": rng.uniform(0.05, 0.2)}
+    intensity = {"wm": rng.uniform(0.85, 1.0), "gm": rng.uniform(0.5, 0.9), "csf": rng.uniform(0.05, 0.2)}
     image = np.zeros_like(t1)
     image[white], image[grey], image[csf] = intensity["wm"], intensity["gm"], intensity["csf"]
     # thin dark CSF lines where grey matter meets grey matter across a sulcus (gm edges with no wm)
@@ -200,23 +202,54 @@ def smooth_field(shape: tuple[int, int], rng: np.random.Generator, scale: float,
     return scale * field / (np.abs(field).max() + 1e-12)
 
 
-def add_scalp(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def add_scalp(image: np.ndarray, rng: np.random.Generator, style: str = "layered",
+              fat_to_brain: tuple[float, float] = (1.0, 3.5)) -> np.ndarray:
     """Surround a skull-stripped brain (the MNI template is one) with the layers a T1 head scan
-    shows — dark CSF and skull, then bright scalp fat and skin — because the bright outer ring is
-    what folds over and what ghosts at high acceleration. Thicknesses in source pixels (1 mm)."""
+    shows, because the bright outer ring is what folds over and what ghosts at high acceleration.
+    Thicknesses in source pixels (1 mm).
+
+    `layered`: from the brain outwards dark CSF, the dark inner table, the diploe (marrow, from
+    absent to bright), the dark outer table, a dark galea line, bright subcutaneous fat and the
+    skin — thin smooth rings with sharp edges, as T1 head scans show them. The brightness scale
+    (`peak`) is `fat_to_brain` (default 1-3.5) times the brightest brain tissue, and the fat gets
+    0.7-1 of it (T1 shortening by fat; brighter still near the coils).
+    `band`: one thick textured fat band over dark CSF/skull, fat 1.2-2 times the brain (the
+    earlier, cruder model; `fat_to_brain` does not apply)."""
+    if style not in ("layered", "band"):
+        raise UserError(f"data.scalp={style!r}: expected layered or band.")
     pad = 24
     image = np.pad(image, pad)
     brain = ndimage.binary_fill_holes(image > 0.08 * image.max())
     dist = ndimage.distance_transform_edt(~brain)
-    csf, skull, fat, skin = (rng.uniform(1, 3), rng.uniform(3, 6), rng.uniform(3, 6), rng.uniform(1, 2))
-    texture = 1 + 0.12 * ndimage.gaussian_filter(rng.normal(size=image.shape), 0.8) / 0.25
-    # on T1 the scalp fat is the brightest tissue, 2-3x the brain (ESPIRiT slice: brain ~0.3 of max)
-    peak = float(image.max()) * rng.uniform(1.2, 2.0)
-    layers = np.select(
-        [dist <= 0, dist < csf, dist < csf + skull, dist < csf + skull + fat, dist < csf + skull + fat + skin],
-        [image, 0.06 * peak, peak * (0.04 + 0.25 * (np.abs(dist - csf - skull / 2) < 1)), peak * texture,
-         rng.uniform(0.4, 0.6) * peak], 0.0)
-    return np.clip(ndimage.gaussian_filter(layers, 0.4), 0, None).astype(np.float32)
+    if style == "band":  # unchanged draws, so earlier simulations stay reproducible
+        csf, skull, fat, skin = (rng.uniform(1, 3), rng.uniform(3, 6), rng.uniform(3, 6), rng.uniform(1, 2))
+        texture = 1 + 0.12 * ndimage.gaussian_filter(rng.normal(size=image.shape), 0.8) / 0.25
+        peak = float(image.max()) * rng.uniform(1.2, 2.0)
+        layers = np.select(
+            [dist <= 0, dist < csf, dist < csf + skull, dist < csf + skull + fat, dist < csf + skull + fat + skin],
+            [image, 0.06 * peak, peak * (0.04 + 0.25 * (np.abs(dist - csf - skull / 2) < 1)), peak * texture,
+             rng.uniform(0.4, 0.6) * peak], 0.0)
+        return np.clip(ndimage.gaussian_filter(layers, 0.4), 0, None).astype(np.float32)
+    peak = float(image.max()) * rng.uniform(*fat_to_brain)
+    # (thickness range in mm, brightness range relative to peak), brain outwards
+    spec = [((1.0, 3.0), (0.02, 0.10)),   # CSF
+            ((1.0, 2.5), (0.0, 0.05)),    # inner table (cortical bone: no signal)
+            ((0.0, 5.0), (0.15, 0.8)),    # diploe (fatty marrow), absent in thin skulls
+            ((1.0, 2.5), (0.0, 0.05)),    # outer table
+            ((0.5, 1.5), (0.05, 0.3)),    # galea / fascia
+            ((2.0, 6.0), (0.7, 1.0)),     # subcutaneous fat
+            ((0.5, 2.0), (0.3, 0.7))]     # skin
+    # the scalp is thicker in some directions than others: a smooth random thickness factor
+    factor = 1 + smooth_field(image.shape, rng, rng.uniform(0.1, 0.35), cutoff=2)
+    layers = np.where(brain, image, 0.0)
+    outer = np.zeros(image.shape)
+    for (thick, bright) in spec:
+        inner, outer = outer, outer + rng.uniform(*thick) * factor
+        shell = ~brain & (dist > inner) & (dist <= outer)
+        layers[shell] = rng.uniform(*bright) * peak
+    texture = ndimage.gaussian_filter(rng.normal(size=image.shape), 1.5)
+    layers = layers * np.where(brain, 1.0, 1 + rng.uniform(0.0, 0.08) * texture / (texture.std() + 1e-12))
+    return np.clip(ndimage.gaussian_filter(layers, rng.uniform(0.3, 0.6)), 0, None).astype(np.float32)
 
 
 def place_on_canvas(image: np.ndarray, params: SimulationParams, rng: np.random.Generator) -> np.ndarray:
@@ -226,7 +259,7 @@ def place_on_canvas(image: np.ndarray, params: SimulationParams, rng: np.random.
     if image.ndim == 3:  # a (T1, GM, WM) stack: render a crisp, textured T1-like image
         image = render_tissues(image, rng)
     if params.add_scalp:
-        image = add_scalp(image, rng)
+        image = add_scalp(image, rng, params.scalp, params.fat_to_brain)
     rows, cols = np.nonzero(image > 0.1 * image.max())
     image = image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     if params.rotation_deg:
@@ -325,8 +358,9 @@ def simulate_volume_h5(path: str | os.PathLike, images: list[np.ndarray], params
 
     rng = np.random.default_rng(seed)
     slices = [simulate_slice(img, params, rng, coil_bank) for img in images]
-    # one volume shares one band (a scan has one matrix): re-cut every slice to the first's band
-    left, right = slices[0].padding
+    # one volume shares one band (a scan has one matrix): cut every slice to the narrowest band,
+    # so every column inside the header's encoding limits holds data in every slice
+    left, right = max(s.padding[0] for s in slices), min(s.padding[1] for s in slices)
     kspace = np.stack([s.kspace for s in slices])
     kspace[..., :left] = 0
     kspace[..., right:] = 0

@@ -34,7 +34,8 @@ from podium.tasks.reconstruction.data import (
 def simulation_params(cfg: SimulatedDataConfig) -> sim.SimulationParams:
     return sim.SimulationParams(shape=tuple(cfg.shape), num_coils=cfg.num_coils,
                                 object_width=tuple(cfg.object_width), phase_band=tuple(cfg.phase_band),
-                                noise_ratio=tuple(cfg.noise_ratio),
+                                noise_ratio=tuple(cfg.noise_ratio), scalp=cfg.scalp,
+                                fat_to_brain=tuple(cfg.fat_to_brain),
                                 real_maps_p=cfg.real_maps_p if cfg.coil_maps else 0.0)
 
 
@@ -133,7 +134,7 @@ def _materialise_val(cfg: SimulatedDataConfig, images: list[np.ndarray], seed: i
     """Simulate the validation volumes once; the folder name hashes everything that shapes them."""
     params = simulation_params(cfg)
     fields = {"params": asdict(params), "source": cfg.source, "volumes": cfg.val_volumes,
-              "slices": cfg.val_slices, "seed": seed, "version": 1}
+              "slices": cfg.val_slices, "seed": seed, "version": 2}  # bump when the simulator changes
     if coil_bank is not None:  # the maps' files, by content (a path alone could be rewritten)
         fields["coil_maps"] = [hashlib.sha1(m.tobytes()).hexdigest() for m in coil_bank.map_sets]
         fields["calibration_fraction"] = cfg.calibration_fraction
