@@ -178,3 +178,34 @@ def test_tissue_stacks_simulate_like_images():
     stack = sim.mni_slices("axial", step=20, tissues=True)[2]
     s = sim.simulate_slice(stack, SMALL, np.random.default_rng(0))
     assert s.kspace.shape == (4, 64, 48) and np.isfinite(s.target).all()
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"scalp": "thick"}, "data.scalp='thick'"),
+    ({"fat_to_brain": [3.0, 1.0]}, r"data.fat_to_brain=\[3.0, 1.0\]"),
+    ({"fat_to_brain": [0.0, 2.0]}, "data.fat_to_brain"),
+])
+def test_bad_scalp_settings_name_the_key(tmp_path, extra, match):
+    from omegaconf import OmegaConf
+
+    from podium.engine import registry
+
+    cfg = OmegaConf.create({"name": "simulated_mri", "shape": [48, 40], "num_coils": 4, "train_size": 2,
+                            "val_volumes": 1, "val_slices": 1, "cache_dir": str(tmp_path / "cache"), **extra})
+    with pytest.raises(UserError, match=match):
+        registry.build("dataset", "simulated_mri", cfg, seed=0)
+    assert not list((tmp_path / "cache").glob("sim-*/*.h5"))  # refused before anything is simulated
+
+
+def test_band_scalp_is_selectable_from_the_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from podium.engine import registry
+
+    cfg = OmegaConf.create({"name": "simulated_mri", "shape": [48, 40], "num_coils": 4, "train_size": 2,
+                            "val_volumes": 1, "val_slices": 1, "cache_dir": str(tmp_path / "cache"),
+                            "scalp": "band"})
+    ds = registry.build("dataset", "simulated_mri", cfg, seed=0)
+    assert ds["train"].params.scalp == "band"
+    registry.build("dataset", "simulated_mri", OmegaConf.merge(cfg, {"scalp": "layered"}), seed=0)
+    assert len(list((tmp_path / "cache").glob("sim-*"))) == 2  # cached apart

@@ -221,7 +221,7 @@ def add_scalp(image: np.ndarray, rng: np.random.Generator, style: str = "layered
     image = np.pad(image, pad)
     brain = ndimage.binary_fill_holes(image > 0.08 * image.max())
     dist = ndimage.distance_transform_edt(~brain)
-    if style == "band":  # unchanged draws, so earlier simulations stay reproducible
+    if style == "band":  # the earlier model's draws, unchanged (its simulations stay reproducible)
         csf, skull, fat, skin = (rng.uniform(1, 3), rng.uniform(3, 6), rng.uniform(3, 6), rng.uniform(1, 2))
         texture = 1 + 0.12 * ndimage.gaussian_filter(rng.normal(size=image.shape), 0.8) / 0.25
         peak = float(image.max()) * rng.uniform(1.2, 2.0)

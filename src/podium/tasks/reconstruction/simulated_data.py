@@ -32,6 +32,11 @@ from podium.tasks.reconstruction.data import (
 
 
 def simulation_params(cfg: SimulatedDataConfig) -> sim.SimulationParams:
+    if cfg.scalp not in ("layered", "band"):
+        raise UserError(f"data.scalp={cfg.scalp!r}: expected layered or band.")
+    ratio = list(cfg.fat_to_brain)
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise UserError(f"data.fat_to_brain={ratio}: expected [low, high] with 0 < low <= high.")
     return sim.SimulationParams(shape=tuple(cfg.shape), num_coils=cfg.num_coils,
                                 object_width=tuple(cfg.object_width), phase_band=tuple(cfg.phase_band),
                                 noise_ratio=tuple(cfg.noise_ratio), scalp=cfg.scalp,
