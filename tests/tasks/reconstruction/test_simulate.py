@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
+from podium.engine import registry
 from podium.errors import UserError
 from podium.tasks.reconstruction import readers
 from podium.tasks.reconstruction import simulate as sim
 from podium.tasks.reconstruction.fft import ifft2c_np
 
 SMALL = sim.SimulationParams(shape=(64, 48), num_coils=4)
+
+
+def small_dataset_cfg(tmp_path, **extra):
+    return OmegaConf.create({"name": "simulated_mri", "shape": [48, 40], "num_coils": 4, "train_size": 2,
+                             "val_volumes": 1, "val_slices": 1, "cache_dir": str(tmp_path / "cache"), **extra})
 
 
 @pytest.fixture(scope="module")
@@ -186,26 +193,13 @@ def test_tissue_stacks_simulate_like_images():
     ({"fat_to_brain": [0.0, 2.0]}, "data.fat_to_brain"),
 ])
 def test_bad_scalp_settings_name_the_key(tmp_path, extra, match):
-    from omegaconf import OmegaConf
-
-    from podium.engine import registry
-
-    cfg = OmegaConf.create({"name": "simulated_mri", "shape": [48, 40], "num_coils": 4, "train_size": 2,
-                            "val_volumes": 1, "val_slices": 1, "cache_dir": str(tmp_path / "cache"), **extra})
     with pytest.raises(UserError, match=match):
-        registry.build("dataset", "simulated_mri", cfg, seed=0)
+        registry.build("dataset", "simulated_mri", small_dataset_cfg(tmp_path, **extra), seed=0)
     assert not list((tmp_path / "cache").glob("sim-*/*.h5"))  # refused before anything is simulated
 
 
 def test_band_scalp_is_selectable_from_the_config(tmp_path):
-    from omegaconf import OmegaConf
-
-    from podium.engine import registry
-
-    cfg = OmegaConf.create({"name": "simulated_mri", "shape": [48, 40], "num_coils": 4, "train_size": 2,
-                            "val_volumes": 1, "val_slices": 1, "cache_dir": str(tmp_path / "cache"),
-                            "scalp": "band"})
-    ds = registry.build("dataset", "simulated_mri", cfg, seed=0)
+    ds = registry.build("dataset", "simulated_mri", small_dataset_cfg(tmp_path, scalp="band"), seed=0)
     assert ds["train"].params.scalp == "band"
-    registry.build("dataset", "simulated_mri", OmegaConf.merge(cfg, {"scalp": "layered"}), seed=0)
+    registry.build("dataset", "simulated_mri", small_dataset_cfg(tmp_path, scalp="layered"), seed=0)
     assert len(list((tmp_path / "cache").glob("sim-*"))) == 2  # cached apart

@@ -37,6 +37,7 @@ from podium.errors import UserError
 from podium.tasks.reconstruction.fft import fft2c_np, ifft2c_np
 
 MNI_T1 = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+SCALP_STYLES = ("layered", "band")  # see add_scalp
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,8 @@ def add_scalp(image: np.ndarray, rng: np.random.Generator, style: str = "layered
     0.7-1 of it (T1 shortening by fat; brighter still near the coils).
     `band`: one thick textured fat band over dark CSF/skull, fat 1.2-2 times the brain (the
     earlier, cruder model; `fat_to_brain` does not apply)."""
-    if style not in ("layered", "band"):
-        raise UserError(f"data.scalp={style!r}: expected layered or band.")
+    if style not in SCALP_STYLES:
+        raise UserError(f"data.scalp={style!r}: expected one of {', '.join(SCALP_STYLES)}.")
     pad = 24
     image = np.pad(image, pad)
     brain = ndimage.binary_fill_holes(image > 0.08 * image.max())

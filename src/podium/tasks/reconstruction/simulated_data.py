@@ -32,8 +32,8 @@ from podium.tasks.reconstruction.data import (
 
 
 def simulation_params(cfg: SimulatedDataConfig) -> sim.SimulationParams:
-    if cfg.scalp not in ("layered", "band"):
-        raise UserError(f"data.scalp={cfg.scalp!r}: expected layered or band.")
+    if cfg.scalp not in sim.SCALP_STYLES:  # refused before anything is simulated
+        raise UserError(f"data.scalp={cfg.scalp!r}: expected one of {', '.join(sim.SCALP_STYLES)}.")
     ratio = list(cfg.fat_to_brain)
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
         raise UserError(f"data.fat_to_brain={ratio}: expected [low, high] with 0 < low <= high.")
