@@ -163,3 +163,88 @@ def test_gpu_recipe_composes_and_trains_its_learnable_sigma():
     target = points_to_heatmap(points, out["heatmap_stride"])
     SpatialSoftmaxNLL(3)(out["heatmaps"], target, torch.ones(2, 3, dtype=torch.bool), out["sigma"]).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stage1.sigma.parameters())
+
+
+# ---- the optional middle stage (model.mid_factor)
+
+def build_mid(**kw):
+    return build(coarse_factor=4, mid_factor=2, **{"mid.patch_size": 16}, **kw)
+
+
+def _peak_at(row: int, col: int, size: int = 16):
+    def refiner(patches, landmark_index=None):
+        heat = torch.full((patches.shape[0], 1, size, size), -30.0)
+        heat[:, :, row, col] = 30.0
+        return {"heatmaps": heat}
+    return refiner
+
+
+def test_middle_stage_trains_on_its_own_scale():
+    model = build_mid(train_landmarks_per_image=0, train_jitter=2.0)
+    x = torch.randn(2, 1, 64, 64)
+    points = torch.tensor([[[10.0, 12.0], [30.0, 40.0], [50.0, 20.0]]] * 2)
+    out = model(x, points, torch.ones(2, 3, dtype=torch.bool))
+    assert out["heatmaps"].shape == (2, 3, 16, 16) and out["heatmap_stride"] == 4
+    assert out["mid_patch_heatmaps"].shape == (6, 1, 16, 16) and out["patch_heatmaps"].shape == (6, 1, 16, 16)
+    # targets in the half-size image's pixels (pixel-centre convention), inside the crop
+    local = out["mid_patch_points"].reshape(2, 3, 2)
+    assert ((local >= 0) & (local <= 15)).all() and out["mid_patch_visible"].all()
+    offsets = (points + 0.5) / 2 - 0.5 - local
+    torch.testing.assert_close(offsets, torch.round(offsets))  # whole pixels of the small image
+    sum(v.float().sum() for k, v in out.items() if k.endswith("heatmaps")).backward()
+    assert all(p.grad is not None for p in model.mid.parameters() if p.requires_grad)
+
+
+def test_refiner_crops_start_from_the_middle_stage(monkeypatch):
+    """train_from_estimates=1, no jitter: the middle stage's crops sit on the first-stage
+    estimates and the refiner's on the middle stage's decoded answers."""
+    model = build_mid(train_landmarks_per_image=0, train_from_estimates=1.0, estimate_jitter=0.0, mid_prior_sigma=0.0)
+    x = torch.randn(2, 1, 64, 64)
+    points = torch.tensor([[[10.0, 12.0], [30.0, 36.0], [50.0, 20.0]]] * 2)
+    monkeypatch.setattr(model, "_decode_coarse", lambda coarse: torch.full((2, 3, 2), 31.0))
+    monkeypatch.setattr(model.mid, "forward", _peak_at(10, 12))  # answers patch pixel (x 12, y 10)
+    out = model(x, points, torch.ones(2, 3, dtype=torch.bool))
+    # middle crop centre: input 31 -> small (31.5 / 2 - 0.5) = 15.25 -> pixel 15, offset 15 - 8 = 7
+    torch.testing.assert_close(out["mid_patch_points"].reshape(2, 3, 2), (points + 0.5) / 2 - 0.5 - 7)
+    # its answer: small (7 + 12, 7 + 10) = (19, 17) -> input (19.5 * 2 - 0.5, 17.5 * 2 - 0.5)
+    answer = torch.tensor([38.5, 34.5])
+    offsets = torch.floor(answer + 0.5) - 8
+    torch.testing.assert_close(out["patch_points"].reshape(2, 3, 2), points - offsets)
+
+
+def test_inference_goes_through_the_middle_stage(monkeypatch):
+    model = build_mid().eval()
+    monkeypatch.setattr(model, "_decode_coarse", lambda coarse: torch.full((1, 3, 2), 31.0))
+    monkeypatch.setattr(model.mid, "forward", _peak_at(10, 12))
+    monkeypatch.setattr(model.refiner, "forward", _peak_at(8, 8))  # "the centre is right"
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 64, 64))
+    # the middle stage moves (31, 31) to (38.5, 34.5) (the prior around its centre is too wide to
+    # matter against a peak of 60 logits); the refiner keeps its crop centre, the rounded answer
+    torch.testing.assert_close(out["mid_points"], torch.tensor([[[38.5, 34.5]] * 3]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(out["points"], torch.tensor([[[39.0, 35.0]] * 3]), atol=1e-3, rtol=0)
+
+
+def test_middle_stage_factor_and_patch_are_checked():
+    with pytest.raises(UserError, match="model.mid_factor=4: expected 0"):
+        build(coarse_factor=4, mid_factor=4)
+    with pytest.raises(UserError, match="model.mid.patch_size=20"):
+        build(coarse_factor=4, mid_factor=2, **{"mid.patch_size": 20})
+
+
+def test_task_adds_the_middle_stage_loss():
+    from types import SimpleNamespace
+
+    from podium.tasks.landmarks.losses import SpatialSoftmaxNLL
+    from podium.tasks.landmarks.task import LandmarkTask
+
+    task = LandmarkTask.__new__(LandmarkTask)
+    task.cfg = OmegaConf.create({"task": {"sigma": 2.0, "refine_loss_weight": 1.0}})
+    task.loss_fn, task.patch_loss_fn = SpatialSoftmaxNLL(3), SpatialSoftmaxNLL(1)
+    model = build_mid(train_landmarks_per_image=0, train_jitter=2.0)
+    batch = {"image": torch.randn(2, 1, 64, 64), "visible": torch.ones(2, 3, dtype=torch.bool),
+             "points": torch.tensor([[[10.0, 12.0], [30.0, 40.0], [50.0, 20.0]]] * 2)}
+    torch.manual_seed(1)
+    logs = task.training_step(model, batch, SimpleNamespace())
+    assert {"coarse_loss", "refine_loss", "mid_refine_loss"} <= set(logs)
+    torch.testing.assert_close(logs["loss"].detach(), logs["coarse_loss"] + logs["refine_loss"] + logs["mid_refine_loss"])

@@ -123,6 +123,11 @@ class LandmarkTask(Task):
                                         self.cfg.task.sigma)
             logs = {"loss": loss + self.cfg.task.refine_loss_weight * refine,
                     "coarse_loss": loss.detach(), "refine_loss": refine.detach()}
+        if "mid_patch_heatmaps" in out:  # the optional middle stage: the same loss at its scale
+            mid = self.patch_loss_fn(out["mid_patch_heatmaps"], out["mid_patch_points"], out["mid_patch_visible"],
+                                     self.cfg.task.sigma)
+            logs["loss"] = logs["loss"] + self.cfg.task.refine_loss_weight * mid
+            logs["mid_refine_loss"] = mid.detach()
         if torch.is_tensor(sigma):
             logs["sigma_mean"] = sigma.detach().mean()
         return logs
