@@ -40,7 +40,8 @@ ALIGN_ALPHA = 0.01
 def fit_similarity(shape: np.ndarray, reference: np.ndarray, use: Sequence[int]) -> tuple:
     """(centre, rotation, scale, ref_centre) of the least-squares similarity transform taking
     `shape`'s landmarks `use` onto `reference`'s: aligned = (p - centre) @ rotation * scale +
-    ref_centre. A proper rotation, never a reflection."""
+    ref_centre. A proper rotation, never a reflection (hence not scipy's `procrustes` /
+    `orthogonal_procrustes`, which allow reflections and rescale both shapes to unit size)."""
     use = list(use)
     part, ref = shape[use], reference[use]
     centre, ref_centre = part.mean(0), ref.mean(0)
