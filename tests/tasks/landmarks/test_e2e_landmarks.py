@@ -208,6 +208,26 @@ def test_experiment_accepts_the_coord_regressor_model():
     assert "name: coord_regressor" in result.output
 
 
+# ---- coarse-to-fine with the middle stage -------------------------------------------------------
+
+C2F_MID = ["model=coarse_to_fine", "data.image_size=[64,64]", "model.coarse_factor=4", "model.mid_factor=2",
+           "model.stage1.encoder=resnet10t", "model.stage1.encoder_depth=3",
+           "model.stage1.decoder_channels=[16,16,16]", "model.refiner.patch_size=16", "model.mid.patch_size=16",
+           "model.train_from_estimates=0.5"]
+
+
+def test_coarse_to_fine_with_a_middle_stage_trains_and_evaluates(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [a for a in synth_args(tmp_path, epochs=1) if not a.startswith("data.image_size")]
+    result = CliRunner().invoke(app, ["train", *args, *C2F_MID, f"run.dir={run_dir}"])
+    assert result.exit_code == 0, result.output
+    history = read_csv(run_dir / "history.csv")
+    assert math.isfinite(float(history[-1]["train/mid_refine_loss"]))
+    assert math.isfinite(json.loads((run_dir / "metrics.json").read_text())["test/mre_mm"])
+    bad = podium("train", *args, *C2F_MID, "model.mid_factor=4", f"run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "model.mid_factor=4" in bad.stderr and "Traceback" not in bad.stderr
+
+
 # ---- bad input: exit code 2, the file named, no traceback --------------------------------------
 
 TABLE = ["experiment=landmarks_synthetic", "data=landmark_table", "trainer.max_epochs=1",
