@@ -62,8 +62,9 @@ class CoarseToFineConfig:
     # full-resolution refiner then starts from its estimates. Why: the refiner pulls its answer
     # ~25 % of the way back to its crop centre (ISBI validation, crops centred on the truth + 8
     # px keep 0.25 of the displacement), so a better centre should give a better answer. Measured
-    # (isbi2015_c2f + mid_factor=2, one seed): val 1.302 -> 1.286 mm, Test1 1.590 -> 1.561 mm, for
-    # 27 % more training time; within seed noise, hence off. Jitters scale with the factor.
+    # (isbi2015_c2f + mid_factor=2): val 1.302 -> 1.286 mm, Test1 1.590 -> 1.561 mm, for 27 % more
+    # training time; a second seed gave 1.344 / 1.650. Within seed noise, hence off. Jitters
+    # scale with the factor.
     mid_factor: int = 0
     mid: PatchRefinerConfig = field(default_factory=PatchRefinerConfig)
     mid_prior_sigma: float = 16.0  # input pixels, as prior_sigma
