@@ -57,7 +57,7 @@ def test_train_eval_predict_runs(tmp_path):
 
     result = runner.invoke(app, ["eval", str(run_dir), "--split", "test"])
     assert result.exit_code == 0, result.output
-    evaluated = json.loads((run_dir / "eval-best.json").read_text())
+    evaluated = json.loads((run_dir / "eval" / "best" / "metrics.json").read_text())
     assert evaluated["test/macro_f1"] == pytest.approx(metrics["test/macro_f1"])
 
     images = tmp_path / "images"

@@ -72,29 +72,46 @@ def handle_errors(fn):
     return wrapper
 
 
-def _split_resume(overrides: list[str]) -> tuple[Optional[str], list[str]]:
-    resume, rest = None, []
+def _split_resume(overrides: list[str]) -> tuple[Optional[str], str, list[str]]:
+    """(resume run, which checkpoint to resume from, the other overrides)."""
+    resume, checkpoint, rest = None, "last", []
     for item in overrides:
         if item.startswith("resume="):
             resume = item.split("=", 1)[1] or None
+        elif item.startswith("resume_checkpoint="):
+            checkpoint = item.split("=", 1)[1]
         else:
             rest.append(item)
-    return resume, rest
+    return resume, checkpoint, rest
 
 
 def _run_config(overrides: Optional[List[str]], default_experiment: Optional[str] = None):
-    """(run_dir, cfg): the stored config of `resume=RUN` (plus overrides), or a new composition
-    (with `experiment=default_experiment` unless the overrides name one)."""
+    """(run_dir, resume checkpoint, cfg): the stored config of `resume=RUN` with the overrides a
+    resume can honour (others exit 2, see podium.engine.resume), or a new composition (with
+    `experiment=default_experiment` unless the overrides name one)."""
     from podium.config import compose, load_run_config
+    from podium.engine.resume import check_resume_overrides
     from podium.engine.runs import existing_run_dir
+    from podium.errors import UserError
 
-    resume, rest = _split_resume(overrides or [])
+    resume, checkpoint, rest = _split_resume(overrides or [])
     if resume:
         run_dir = existing_run_dir(resume)
-        return run_dir, load_run_config(run_dir, rest)
+        cfg = load_run_config(run_dir, rest)
+        changes = check_resume_overrides(run_dir, load_run_config(run_dir, []), cfg)
+        for key, (before, after) in changes.items():
+            _console().print(f"resume: {key} {before} -> {after}", highlight=False)
+        return run_dir, checkpoint, cfg
+    if checkpoint != "last":
+        raise UserError("resume_checkpoint= is only meaningful with resume=RUN.")
     if default_experiment and not any(o.lstrip("+~").startswith("experiment=") for o in rest):
         rest = [f"experiment={default_experiment}", *rest]
-    return None, compose(rest)
+    return None, "last", compose(rest)
+
+
+def _final_title(cfg, out_dir: Path) -> str:
+    which = "best checkpoint" if (out_dir / "checkpoints" / "best.pt").is_file() else "last weights: no best.pt"
+    return f"{cfg.name}: final metrics ({which})"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -109,6 +126,10 @@ def train(
 
     Continue an interrupted run: podium train resume=runs/x
 
+    Train a finished run on to 20 epochs: podium train resume=runs/x trainer.max_epochs=20
+    (keys that would contradict the saved state, such as optim.lr, are refused; a damaged
+    last.pt can be passed over with resume_checkpoint=best)
+
     Two CPU processes (DDP): podium train experiment=digits trainer.devices=2 trainer.accelerator=cpu
     """
     from omegaconf import OmegaConf
@@ -116,13 +137,13 @@ def train(
     from podium.engine import session
 
     console = _console()
-    run_dir, cfg = _run_config(overrides)
+    run_dir, resume_checkpoint, cfg = _run_config(overrides)
     if show_config:
         console.print(OmegaConf.to_yaml(cfg), highlight=False)
         return
-    out_dir, metrics = session.train(cfg, console, resume_dir=run_dir)
+    out_dir, metrics = session.train(cfg, console, resume_dir=run_dir, resume_checkpoint=resume_checkpoint)
     if _is_rank_zero():
-        console.print(session.metrics_table(metrics, f"{cfg.name}: final metrics (best checkpoint)"))
+        console.print(session.metrics_table(metrics, _final_title(cfg, out_dir)))
         console.print(f"run folder: {out_dir}\nmetrics:    {out_dir / 'metrics.json'}\n"
                       f"MLflow UI:  podium ui --root {cfg.run.root}")
 
@@ -151,17 +172,17 @@ def pretrain(
     from podium.tasks.segmentation.pretrain import export_encoder
 
     console = _console()
-    run_dir, cfg = _run_config(overrides, default_experiment="drive_moco")
+    run_dir, resume_checkpoint, cfg = _run_config(overrides, default_experiment="drive_moco")
     if cfg.task.name != "moco":
         raise UserError(f"podium pretrain runs task=moco (self-supervised pretraining), got "
                         f"task={cfg.task.name}; use `podium train` for supervised tasks.")
     if show_config:
         console.print(OmegaConf.to_yaml(cfg), highlight=False)
         return
-    out_dir, metrics = session.train(cfg, console, resume_dir=run_dir)
+    out_dir, metrics = session.train(cfg, console, resume_dir=run_dir, resume_checkpoint=resume_checkpoint)
     if _is_rank_zero():
         path = export_encoder(out_dir, cfg.task.export_checkpoint)
-        console.print(session.metrics_table(metrics, f"{cfg.name}: final metrics (best checkpoint)"))
+        console.print(session.metrics_table(metrics, _final_title(cfg, out_dir)))
         console.print(f"run folder: {out_dir}\nencoder ({cfg.model.backbone}, "
                       f"{cfg.task.export_checkpoint} checkpoint): {path}\n"
                       f"use it:     podium train ... model.encoder={cfg.model.backbone} "
@@ -181,9 +202,12 @@ def eval_(
     overrides: List[str] = typer.Argument(None, help="Overrides of the run's config, e.g. data.root=..."),
     checkpoint: str = typer.Option("best", help="best | last | a path to a .pt file"),
     split: List[str] = typer.Option(None, "--split", help="Splits to evaluate (default: val and every test split)."),
-    out: Optional[Path] = typer.Option(None, help="JSON file for the metrics (default RUN_DIR/eval-<ckpt>.json)."),
+    out: Optional[Path] = typer.Option(None, help="JSON file for the metrics (default RUN_DIR/eval/<ckpt>[-<overrides hash>]/metrics.json)."),
 ):
     """Evaluate a run with its own config and preprocessing.
+
+    Predictions and plots go to RUN_DIR/eval/<ckpt>[-<overrides hash>]/, never over the
+    training-time predictions/ that ensembles read.
 
     Example: podium eval runs/20261124-101500-digits --split test_corrupted
     """
@@ -328,6 +352,9 @@ def runs(
     from podium.engine.runs import find_runs, run_summary
 
     summaries = [run_summary(p) for p in find_runs(root)]
+    for s in summaries:  # on stderr, so that --json output stays parseable
+        if "problem" in s:
+            _error_console().print(f"[yellow]warning:[/] {s['problem']}; its metrics are not shown.", highlight=False)
     if as_json:
         typer.echo(json.dumps(summaries, indent=2))
         return

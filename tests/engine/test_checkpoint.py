@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, err
     assert path.read_bytes() == before
     assert_same(previous, load_checkpoint(path))
     assert temp_files(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_crash_on_first_save_leaves_nothing(tmp_path, monkeypatch):
@@ -179,3 +180,77 @@ def test_temp_file_left_by_a_killed_save_is_cleaned_up(tmp_path, monkeypatch):
     assert len(temp_files(tmp_path)) == 1
     cleanup_temp_files(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- content hash ---------------------------------------------------------------------------
+
+
+def flip_a_byte(path: Path, offset_from_end: int = 2000) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - offset_from_end] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_refused_naming_the_file_and_the_other_checkpoint(tmp_path):
+    path = tmp_path / "best.pt"
+    atomic_save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    assert (tmp_path / "best.pt.sha256").read_text().split()[1] == "best.pt"  # sha256sum format
+    flip_a_byte(path)
+    torch.load(path, weights_only=True)  # still unpickles: only the hash can tell
+    with pytest.raises(UserError, match=r"best\.pt is corrupt.*--checkpoint last"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_a_hash_loads_unverified(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"step": 3}, path)
+    assert load_checkpoint(path)["step"] == 3
+
+
+def test_a_crash_between_the_two_renames_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
+    """The sidecar lists the old and the new hash while the checkpoint is renamed."""
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+    real = checkpoint._write_text_atomic
+    calls = []
+
+    def second_write_dies(target, text):
+        calls.append(text)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the checkpoint was renamed
+        real(target, text)
+
+    monkeypatch.setattr(checkpoint, "_write_text_atomic", second_write_dies)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert len((tmp_path / "last.pt.sha256").read_text().splitlines()) == 2
+    assert load_checkpoint(path)["step"] == 2
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_is_a_user_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code):
+    path = tmp_path / "checkpoints" / "last.pt"
+    atomic_save({"step": 1}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK partial")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(UserError, match=rf"{path}.*{os.strerror(code)}"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert temp_files(path.parent) == []
+
+
+def test_a_checkpoint_of_another_model_is_a_user_error_naming_both(tmp_path):
+    path = tmp_path / "best.pt"
+    atomic_save({"model": {"weight": torch.ones(3, 3)}, "config": {"task": {"name": "landmarks"},
+                                                                  "model": {"name": "hrnet"}}}, path)
+    data = load_checkpoint(path)
+    with pytest.raises(UserError, match=r"best\.pt does not fit this run's model \(task=classification.*"
+                                        r"saved by task=landmarks model=hrnet"):
+        checkpoint.load_model_state(torch.nn.Linear(2, 2), data["model"], path, data,
+                                    "task=classification model=small_cnn")

@@ -44,9 +44,10 @@ class ToyAdaptationTask(Task):
     monitor = "val/mse"
     monitor_mode = "min"
 
-    def __init__(self, cfg, two_loaders=True, nan_at_step=None, interrupt_at_step=None):
+    def __init__(self, cfg, two_loaders=True, nan_at_step=None, interrupt_at_step=None, blow_up_at_step=None):
         super().__init__(cfg)
         self.two_loaders, self.nan_at_step, self.interrupt_at_step = two_loaders, nan_at_step, interrupt_at_step
+        self.blow_up_at_step = blow_up_at_step  # the weights overflow while the loss was still finite
 
     def build_datasets(self):
         return {"train": Points(40, 0), "target": Points(24, 1, labelled=False, shift=0.5),
@@ -82,6 +83,9 @@ class ToyAdaptationTask(Task):
         return {"loss": loss, "consistency_weight": 0.1}
 
     def on_optimizer_step(self, model, ctx):
+        if self.blow_up_at_step is not None and ctx.step == self.blow_up_at_step:
+            with torch.no_grad():
+                _unwrap(model)[0].weight.mul_(float("inf"))
         with torch.no_grad():
             for t, s in zip(ctx.aux["teacher"].parameters(), _unwrap(model).parameters()):
                 t.mul_(0.9).add_(s, alpha=0.1)
@@ -181,11 +185,47 @@ def test_by_steps_with_validation_every_n_steps(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"Kept untouched: \S+last\.pt \(epoch 1, step 6\); "
+                                               r"\S+best\.pt \(epoch 1, step 5\)"):
         run(tmp_path, task_kwargs={"nan_at_step": 6}, trainer__checkpoint_every_n_steps=2)
     ckpt = load_checkpoint(tmp_path / "checkpoints/last.pt")
     assert ckpt["state"]["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def finite(path):
+    return all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values())
+
+
+def test_weights_that_blow_up_on_an_epochs_last_step_are_never_saved(tmp_path):
+    """Step 10 ends epoch 2: its loss was finite, its update was not. Validation sees a NaN
+    metric; neither best.pt nor last.pt of step 5 is overwritten."""
+    with pytest.raises(TrainingDiverged, match=r"val/mse became nan.*Kept untouched: \S+last\.pt \(epoch 1, step 5\)"):
+        run(tmp_path, task_kwargs={"blow_up_at_step": 10})
+    for name in ("last.pt", "best.pt"):
+        assert load_checkpoint(tmp_path / "checkpoints" / name)["state"]["step"] == 5
+        assert finite(tmp_path / "checkpoints" / name)
+
+
+def test_non_finite_weights_are_not_saved_even_without_validation(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"weights became non-finite \(0\.weight.*last\.pt was not written"):
+        run(tmp_path, task_kwargs={"blow_up_at_step": 10}, trainer__val_every_n_epochs=5)
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["state"]["step"] == 5
+    assert finite(tmp_path / "checkpoints/last.pt")
+
+
+def test_a_blow_up_before_any_checkpoint_says_none_is_kept(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"holds none"):
+        run(tmp_path, task_kwargs={"blow_up_at_step": 5})
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_a_finished_run_trains_on_when_max_epochs_is_raised(tmp_path):
+    first = run(tmp_path, trainer__max_epochs=2)
+    assert first.state.finished and first.state.epoch == 2
+    resumed = run(tmp_path, resume=tmp_path / "checkpoints/last.pt", trainer__max_epochs=4)
+    assert resumed.state.epoch == 4 and resumed.state.step == 20 and resumed.state.finished
+    assert [r["epoch"] for r in resumed.state.history] == [1, 2, 3, 4]
 
 
 def no_dropout(monkeypatch):

@@ -64,9 +64,57 @@ def metrics_table(metrics: dict, title: str) -> Table:
     return table
 
 
-def train(cfg, console: Console, resume_dir: Path | None = None) -> tuple[Path, dict]:
-    from podium.engine.checkpoint import cleanup_temp_files
-    from podium.engine.reproducibility import write_environment
+def _writable_run_dir(run_dir: Path) -> None:
+    """Make the run folder, or raise UserError naming it (a file in the way, a read-only or
+    full disk) before anything is written."""
+    from podium.engine.checkpoint import disk_error
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.dir={run_dir} is a file, not a folder; choose a folder for the run.")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".podium-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            raise UserError(f"run folder {run_dir} cannot be made: a file is in the way ({err}).") from None
+        raise (disk_error(err, run_dir, "run folder") or err) from None
+
+
+def _write_run_files(run_dir: Path, cfg, fabric, resumed_at: dict | None) -> None:
+    """config.yaml (the truth about this run) and environment.json; on resume the original
+    environment stays and this session's is appended under "resumes"."""
+    import json
+
+    from podium.engine.checkpoint import disk_error
+    from podium.engine.reproducibility import environment_info, write_environment
+
+    devices = [str(fabric.device)] * fabric.world_size
+    try:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        env_file = run_dir / "environment.json"
+        if resumed_at is None or not env_file.is_file():
+            write_environment(env_file, devices)
+            return
+        try:
+            env = json.loads(env_file.read_text())
+        except ValueError:
+            env = {}
+        env.setdefault("resumes", []).append({**environment_info(devices), **resumed_at})
+        write_json(env_file, env)
+    except OSError as err:
+        raise (disk_error(err, run_dir, "run folder") or err) from None
+
+
+def train(cfg, console: Console, resume_dir: Path | None = None,
+          resume_checkpoint: str = "last") -> tuple[Path, dict]:
+    """Train a new run, or resume `resume_dir` from its `resume_checkpoint` (last, or best when
+    the user accepts it because last.pt is damaged). Everything that can fail on a resume
+    (the checkpoint's hash, its fit to the model, the limits) is checked before config.yaml,
+    environment.json or the MLflow run are touched."""
+    from podium.engine import checkpoint as ckpt
+    from podium.engine.resume import check_limits
     from podium.engine.tracking import Tracker
     from podium.engine.trainer import Trainer, plot_history
 
@@ -81,30 +129,40 @@ def train(cfg, console: Console, resume_dir: Path | None = None) -> tuple[Path, 
             raise UserError(f"run.dir={run_dir} already holds a run; continue it with "
                             f"`podium train resume={run_dir}` or choose another run.dir.")
     run_dir = Path(fabric.broadcast(str(run_dir), src=0))
-    resume_from = None
+    resume_from, resume_data = None, None
     if resume_dir is not None:
-        resume_from = run_dir / "checkpoints" / "last.pt"
+        if resume_checkpoint not in ("last", "best"):
+            raise UserError(f"resume_checkpoint={resume_checkpoint!r}: expected last or best.")
+        resume_from = run_dir / "checkpoints" / f"{resume_checkpoint}.pt"
         if not resume_from.is_file():
-            raise UserError(f"{run_dir} has no checkpoints/last.pt to resume from.")
+            raise UserError(f"{run_dir} has no checkpoints/{resume_from.name} to resume from.")
+        resume_data = ckpt.load_checkpoint(resume_from, map_location=fabric.device)  # verifies the hash
+        check_limits(run_dir, cfg, resume_data.get("state", {}))
     with open_dict(cfg):
         cfg.run.dir, cfg.resume = str(run_dir), None
     if is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        cleanup_temp_files(run_dir / "checkpoints")
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        write_environment(run_dir / "environment.json",
-                          [str(fabric.device)] * fabric.world_size)
+        _writable_run_dir(run_dir)
+        ckpt.cleanup_temp_files(run_dir / "checkpoints")
+    task = registry.build("task", cfg.task.name, cfg)
+    trainer = Trainer(cfg, task, run_dir, fabric, console=console)
+    trainer.setup()
+    if resume_from is not None:
+        trainer.load(resume_from, resume_data)  # a checkpoint of another model fails here, harmlessly
+        resume_data = None
+        if is_main:
+            console.print(f"resumed from {resume_from} at epoch {trainer.state.epoch}, step {trainer.state.step}")
+    if is_main:
+        _write_run_files(run_dir, cfg, fabric, None if resume_from is None else
+                         {"resumed_at_step": trainer.state.step, "resumed_from": resume_from.name})
         console.print(f"run folder: {run_dir}")
     tracker = Tracker(cfg.tracking, run_dir=run_dir, runs_root=Path(cfg.run.root), experiment=cfg.name,
                       run_name=run_dir.name, enabled=is_main, console=console)
+    trainer.tracker = tracker
     if is_main and resume_from is None:
         tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
-    task = registry.build("task", cfg.task.name, cfg)
-    trainer = Trainer(cfg, task, run_dir, fabric, console=console, tracker=tracker)
     status = "FAILED"
     try:
-        trainer.setup()
-        trainer.fit(resume_from)
+        trainer.fit()
         metrics = trainer.final_evaluation()
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -126,6 +184,14 @@ def train(cfg, console: Console, resume_dir: Path | None = None) -> tuple[Path, 
     return run_dir, metrics
 
 
+def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
+    if checkpoint.endswith(".pt"):
+        return Path(checkpoint)
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"--checkpoint {checkpoint!r}: expected best, last or a path to a .pt file.")
+    return run_dir / "checkpoints" / f"{checkpoint}.pt"
+
+
 def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, checkpoint: str):
     """A Trainer set up for inference on a finished run (its config, one device, the
     checkpoint's weights and EMA): what eval, predict, export and serve share."""
@@ -138,16 +204,30 @@ def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, check
         cfg.trainer.devices = 1
         cfg.trainer.num_nodes = 1
         cfg.trainer.strategy = "auto"
+    path = _checkpoint_file(Path(run_dir), checkpoint)
     fabric = make_fabric(cfg.trainer, console)
+    data = ckpt.load_checkpoint(path, map_location=fabric.device)  # before the slow set-up
     task = registry.build("task", cfg.task.name, cfg)
     trainer = Trainer(cfg, task, run_dir, fabric, console=console)
     trainer.setup(training=False)
-    path = Path(checkpoint) if checkpoint.endswith(".pt") else run_dir / "checkpoints" / f"{checkpoint}.pt"
-    data = ckpt.load_checkpoint(path, map_location=fabric.device)
-    _unwrap(trainer.model).load_state_dict(data["model"])
+    if not isinstance(data, dict) or "model" not in data:
+        raise UserError(f"checkpoint {path} holds no model weights (not a podium checkpoint).")
+    ckpt.load_model_state(_unwrap(trainer.model), data["model"], path, data,
+                          f"task={cfg.task.name} model={cfg.model.name}")
     if trainer.ema is not None and data.get("ema") is not None:
         trainer.ema.load_state_dict(data["ema"])
     return trainer, path
+
+
+def eval_dir(run_dir: Path, checkpoint_path: Path, overrides: list[str]) -> Path:
+    """RUN/eval/<checkpoint>[-<hash of the overrides>]/: `podium eval` writes here, never over
+    the training-time predictions/ and plots/ that ensembles and diffs read."""
+    import hashlib
+
+    name = checkpoint_path.stem
+    if overrides:
+        name += "-" + hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
+    return Path(run_dir) / "eval" / name
 
 
 def evaluate(run_dir: Path, overrides: list[str], console: Console, checkpoint: str = "best",
@@ -155,8 +235,12 @@ def evaluate(run_dir: Path, overrides: list[str], console: Console, checkpoint: 
     from podium.engine.trainer import evaluate_splits
 
     trainer, path = trainer_for_run(run_dir, overrides, console, checkpoint)
-    metrics = evaluate_splits(trainer, splits)
-    out = out or run_dir / f"eval-{path.stem}.json"
+    folder = eval_dir(run_dir, path, overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "eval.json", {"checkpoint": str(path), "overrides": list(overrides),
+                                      "splits": splits})
+    metrics = evaluate_splits(trainer, splits, out_dir=folder)
+    out = out or folder / "metrics.json"
     write_json(out, metrics)
     return metrics, out
 

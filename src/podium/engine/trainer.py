@@ -125,6 +125,8 @@ class Trainer:
         if self.monitor_mode not in ("min", "max"):
             raise UserError(f"trainer.monitor_mode={self.monitor_mode!r}: expected 'min' or 'max'.")
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.saved: dict[str, str] = {}  # checkpoint name -> "epoch E, step S" written by this process
+        self.evaluated_checkpoint = "best"  # what final_evaluation scored: "best" or "last weights"
 
     # ------------------------------------------------------------------ set-up
     def _make_loader(self, dataset, train: bool = True, batch_size: int | None = None):
@@ -224,13 +226,47 @@ class Trainer:
         }
 
     def save(self, name: str, rng_state: dict | None = None) -> None:
+        """Write a checkpoint, never one with non-finite weights: a blow-up on an epoch's last
+        step leaves a finite loss but weights of 1e38 or NaN, and writing them over last.pt
+        would lose the last good state."""
+        bad = self._non_finite_weights()
+        if bad:
+            raise TrainingDiverged(
+                f"the weights became non-finite ({bad}) at epoch {self.state.epoch}, step "
+                f"{self.state.step}; {name} was not written. {self.kept_checkpoints()} "
+                "Lower optim.lr, set trainer.grad_clip_norm, or use trainer.precision=32-true.")
         if self.is_main:
             ckpt.atomic_save(self._checkpoint_state(rng_state or repro.capture_rng_state()),
                              self.ckpt_dir / name)
+            self.saved[name] = f"epoch {self.state.epoch}, step {self.state.step}"
 
-    def load(self, path: Path) -> None:
-        data = ckpt.load_checkpoint(path, map_location=self.fabric.device)
-        _unwrap(self.model).load_state_dict(data["model"])
+    def _non_finite_weights(self) -> str:
+        """Names of the first few model / EMA tensors holding NaN or Inf ('' when all finite)."""
+        modules = {"": _unwrap(self.model)}
+        if self.ema is not None:
+            modules["ema."] = self.ema.module
+        bad = [prefix + key for prefix, module in modules.items()
+               for key, value in module.state_dict().items()
+               if torch.is_floating_point(value) and not bool(torch.isfinite(value).all())]
+        return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+    def kept_checkpoints(self) -> str:
+        """Exactly which checkpoints are on disk and untouched, for divergence messages."""
+        parts = []
+        for name in ("last.pt", "best.pt"):
+            path = self.ckpt_dir / name
+            if path.is_file():
+                when = self.saved.get(name, "written before this session")
+                parts.append(f"{path} ({when})")
+        if not parts:
+            return f"No checkpoint was written before that: {self.ckpt_dir} holds none."
+        return "Kept untouched: " + "; ".join(parts) + "."
+
+    def load(self, path: Path, data: dict | None = None) -> None:
+        data = data if data is not None else ckpt.load_checkpoint(path, map_location=self.fabric.device)
+        ckpt.load_model_state(_unwrap(self.model), data["model"], path, data,
+                              f"task={self.cfg.task.name} model={self.cfg.model.name}"
+                              if "task" in self.cfg and "model" in self.cfg else "")
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         precision = self.fabric.strategy.precision
@@ -283,6 +319,11 @@ class Trainer:
             raise UserError(f"trainer.monitor={self.monitor!r} is not among the validation metrics: "
                             f"{', '.join(sorted(metrics))}.")
         value = metrics[self.monitor]
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the validation metric {self.monitor} became {value} at epoch {self.state.epoch}, step "
+                f"{self.state.step}; no checkpoint was written for it. {self.kept_checkpoints()} "
+                "Lower optim.lr, set trainer.grad_clip_norm, or use trainer.precision=32-true.")
         if self._improved(value):
             self.state.best, self.state.best_step, self.state.bad_validations = value, self.state.step, 0
             self.save("best.pt", rng_state)
@@ -330,6 +371,8 @@ class Trainer:
                 self.console.print(f"resumed from {resume_from} at epoch {self.state.epoch}, "
                                    f"step {self.state.step}")
         st = self.state
+        if st.finished and self._limit_not_reached():
+            st.finished = False  # a finished run whose max_epochs / max_steps was raised trains on
         accum = max(1, tc.accumulate_grad_batches)
         primary_loader = self.train_loaders[self.primary]
         self.model.train()
@@ -430,6 +473,10 @@ class Trainer:
                                    f"`podium train resume={self.run_dir}`")
             raise
 
+    def _limit_not_reached(self) -> bool:
+        tc, st = self.tc, self.state
+        return st.step < tc.max_steps if tc.max_steps > 0 else st.epoch < tc.max_epochs
+
     def _periodic_checkpoint_due(self, last_time: float) -> bool:
         tc = self.tc
         by_steps = tc.checkpoint_every_n_steps > 0 and self.state.step % tc.checkpoint_every_n_steps == 0
@@ -443,7 +490,7 @@ class Trainer:
         if not bool(finite):
             raise TrainingDiverged(
                 f"the training loss became {float(loss.detach())} at epoch {self.state.epoch}, "
-                f"step {self.state.step}. The last good checkpoint is kept in {self.ckpt_dir}. "
+                f"step {self.state.step}. {self.kept_checkpoints()} "
                 "Lower optim.lr, set trainer.grad_clip_norm, or use trainer.precision=32-true.")
 
     def _train_metrics(self, sums: dict, extra: dict) -> dict:
@@ -479,13 +526,24 @@ class Trainer:
         best = self.ckpt_dir / "best.pt"
         if best.is_file():
             data = ckpt.load_checkpoint(best, map_location=self.fabric.device)
-            _unwrap(self.model).load_state_dict(data["model"])
+            ckpt.load_model_state(_unwrap(self.model), data["model"], best, data)
             if self.ema is not None and data.get("ema") is not None:
                 self.ema.load_state_dict(data["ema"])
+            self.evaluated_checkpoint = "best"
+        else:
+            # e.g. deleted by hand before a resume: say so rather than call these weights "best"
+            self.evaluated_checkpoint = "last weights"
+            if self.is_main:
+                self.console.print(f"[yellow]{best} does not exist: the final evaluation scores the last "
+                                   "weights, not the best checkpoint.")
         return evaluate_splits(self, splits)
 
 
-def evaluate_splits(trainer: Trainer, splits: list[str] | None = None) -> dict:
+def evaluate_splits(trainer: Trainer, splits: list[str] | None = None, out_dir: Path | None = None) -> dict:
+    """Evaluate `splits` and write predictions and plots under `out_dir` (the run folder for the
+    training-time evaluation; `podium eval` gives its own folder so it never overwrites the
+    predictions that ensembles read)."""
+    out_dir = Path(out_dir) if out_dir is not None else trainer.run_dir
     splits = splits or ["val"] + sorted(s for s in trainer.datasets if s.startswith("test"))
     results: dict[str, Any] = {}
     for split in splits:
@@ -495,8 +553,8 @@ def evaluate_splits(trainer: Trainer, splits: list[str] | None = None) -> dict:
         metrics, records = trainer.evaluate_loader(loader, split)
         results.update(metrics)
         if trainer.is_main:
-            trainer.task.save_predictions(records, split, trainer.run_dir / "predictions")
-            trainer.task.visualize(records, split, trainer.run_dir / "plots")
+            trainer.task.save_predictions(records, split, out_dir / "predictions")
+            trainer.task.visualize(records, split, out_dir / "plots")
     return results
 
 

@@ -111,7 +111,7 @@ def test_eval_reproduces_the_test_metrics(synth_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--split", "test"])
     assert result.exit_code == 0, result.output
-    evaluated = json.loads((run_dir / "eval-best.json").read_text())
+    evaluated = json.loads((run_dir / "eval" / "best" / "metrics.json").read_text())
     assert evaluated["test/mre_mm"] == pytest.approx(metrics["test/mre_mm"], abs=1e-6)
     assert evaluated["test/sdr_2mm"] == pytest.approx(metrics["test/sdr_2mm"], abs=1e-9)
 

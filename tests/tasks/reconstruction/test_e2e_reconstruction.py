@@ -165,7 +165,7 @@ def test_real_slice_is_a_test_split(trained):
     result = podium("eval", str(trained), f"data.real_test=[{REAL_SLICE}]", "data.shape=[48,40]",
                     "--split", "test_real")
     assert result.returncode == 0, result.stdout + result.stderr
-    metrics = json.loads((trained / "eval-best.json").read_text())
+    metrics = json.loads((trained / "eval" / "best" / "metrics.json").read_text())
     assert 0 < metrics["test_real/ssim_acc4_brain"] <= 1 and 0 < metrics["test_real/ssim_acc8_brain"] <= 1
 
 

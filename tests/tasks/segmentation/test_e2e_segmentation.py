@@ -79,7 +79,7 @@ def test_saved_probabilities_reproduce_the_metrics(run):
 def test_eval_reproduces_the_training_metrics(run):
     result = invoke("eval", run)
     assert result.exit_code == 0, result.output
-    written = json.loads((run / "eval-best.json").read_text())
+    written = json.loads((run / "eval" / "best" / "metrics.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     flat = written.get("metrics", written)
     for key in ("test/dice", "test/auc_roc", "val/aupr"):
