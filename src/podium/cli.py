@@ -62,6 +62,18 @@ def handle_errors(fn):
             raise typer.Exit(1)
         except KeyboardInterrupt:
             raise typer.Exit(130)
+        except OSError as err:
+            # a full, read-only or forbidden disk is the user's to fix (exit 2), wherever we wrote
+            import errno
+
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            verb = "write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "access"
+            where = f" {err.filename}" if err.filename else ""
+            _error_console().print(f"[bold red]error:[/] cannot {verb}{where}: {err.strerror or err}. "
+                                   "Free some space or fix the folder's permissions; files already "
+                                   "written are intact.", highlight=False)
+            raise typer.Exit(2)
         except Exception as err:
             # DataLoader workers re-raise our UserError as a RuntimeError-like copy of it.
             if type(err).__name__ == "UserError" or "podium.errors.UserError" in str(err):
@@ -237,8 +249,18 @@ def predict(
     """
     from podium.engine import session
     from podium.engine.runs import existing_run_dir
+    from podium.errors import UserError
 
-    path = session.predict(existing_run_dir(run_dir), inputs, out, _console(), checkpoint, override or [])
+    run_dir = existing_run_dir(run_dir)
+    # Checked before the model loads: every task writes one file (a table, or .h5 for MRI).
+    if out.is_dir():
+        raise UserError(f"--out {out} is an existing folder; --out must be a file path, e.g. "
+                        f"--out {out / 'predictions.csv'} (.h5 for reconstruction).")
+    blocking = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"--out {out}: {blocking} is a file, not a folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = session.predict(run_dir, inputs, out, _console(), checkpoint, override or [])
     _console().print(f"written: {path}")
 
 

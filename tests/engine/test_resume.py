@@ -176,3 +176,16 @@ def test_a_read_only_run_folder_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(UserError, match="Read-only file system"):
         session._writable_run_dir(tmp_path / "run")
+
+
+def test_a_full_disk_anywhere_in_a_command_exits_2_naming_the_file(copy, monkeypatch):
+    """history.csv, metrics.json and plots are written outside the checkpoint code: the CLI
+    maps a full disk there to exit 2 too."""
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(session, "write_json", full)
+    result = invoke("eval", copy, "--split", "val")
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in flat(result.output)
+    assert f"cannot write {copy / 'eval' / 'best' / 'eval.json'}" in flat(result.output)
