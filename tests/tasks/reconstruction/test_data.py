@@ -62,6 +62,25 @@ def test_center_block_width():
     assert center_block_width(np.zeros(20, bool)) == 0
 
 
+def test_symmetric_center_block_width_counts_as_fastmri_on_snu_masks():
+    mask = mk.SNUMask([0.08], [4])(396, np.random.default_rng(0)).mask  # a line touches the block
+    assert center_block_width(mask) == 33
+    assert center_block_width(mask, symmetric=True) == 32  # fastMRI's get_pad_and_num_low_freqs
+    assert center_block_width(np.zeros(20, bool), symmetric=True) == 0
+
+
+def test_file_masks_get_the_models_centre_detection(tmp_path):
+    mask = mk.SNUMask([0.3], [4])(20, np.random.default_rng(0)).mask  # centre 7..12 + line at 6
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        write_volume(tmp_path / split / "a.h5", [coil_kspace() * mask], with_mask=mask)
+    widths = {mode: int(registry.build("dataset", "fastmri", fastmri_cfg(tmp_path), seed=0,
+                                       centre_detection=mode)["val"][0]["num_low_frequencies"])
+              for mode in ("contiguous", "symmetric")}
+    assert widths == {"contiguous": center_block_width(mask), "symmetric": center_block_width(mask, True)}
+    assert widths["contiguous"] != widths["symmetric"]
+
+
 def test_evaluation_masks_are_fixed_and_cover_every_acceleration():
     policy = MaskPolicy(MaskConfig(type="equispaced_fraction", center_fractions=[0.08, 0.04],
                                    accelerations=[4, 8]), train=False)
@@ -79,6 +98,43 @@ def test_training_masks_follow_the_sample_seed_and_the_augmentation_ramp():
     torch.manual_seed(0)
     assert np.array_equal(first, policy.sample("x", 0, 64).mask)
     assert policy.augment.probability(0 / 10) == 0.0 and policy.augment.probability(10 / 10) == 1.0
+
+
+def centre_run(mask: np.ndarray, num_low: int) -> int:
+    """Sampled columns of the centre block placed as the mask functions place it."""
+    start = (len(mask) - num_low + 1) // 2
+    return int(mask[start:start + num_low].sum())
+
+
+def test_evaluation_masks_use_each_accelerations_own_centre_fraction():
+    policy = MaskPolicy(MaskConfig(type="equispaced_fraction", center_fractions=[0.08, 0.04],
+                                   accelerations=[4, 8]), train=False)
+    a4, a8 = policy.sample("file.h5:3", 0, 368), policy.sample("file.h5:3", 1, 368)
+    assert (a4.num_low_frequencies, a8.num_low_frequencies) == (29, 15)  # round(368 x 0.08 / 0.04)
+    assert centre_run(a8.mask, 15) == 15
+    # outside the 15 centre columns the 8x mask is its equispaced lines, not a 29-wide block
+    assert centre_run(a8.mask, 29) < 29
+
+
+def test_duplicate_bank_masks_are_augmented_with_the_configured_probability():
+    """`mask.duplicate` (the acc4/acc8 bank) and `mask.augment_p` compose: the share of bank
+    masks replaced by a pool mask follows the schedule, at the copy's own acceleration."""
+    cfg = MaskConfig(type="snu", center_fractions=[0.08, 0.08], accelerations=[4, 8], augment_p=0.5,
+                     augment_schedule="constant", duplicate=True)
+    policy = MaskPolicy(cfg, train=True, max_epochs=10)
+    torch.manual_seed(0)
+    drawn = [policy.sample(f"brain_acc4_{i}:0", i % 2, 396) for i in range(400)]
+    augmented = [m for m in drawn if m.augmented]
+    assert 160 <= len(augmented) <= 240  # binomial(400, 0.5): 200 +- 4 sigma
+    assert all(m.acceleration == (4, 8)[i % 2] for i, m in enumerate(drawn))
+    bank = mk.MaskBank((4, 8), 0.08, "snu")
+    plain = [m for i, m in enumerate(drawn) if not m.augmented]
+    assert all(np.array_equal(m.mask, bank.mask_for(f"brain_acc4_{i}:0", 396, i % 2).mask)
+               for i, m in enumerate(drawn) if not m.augmented) and plain
+    # the ramp still applies: nothing is augmented before augment_start
+    ramped = MaskPolicy(MaskConfig(type="snu", center_fractions=[0.08, 0.08], accelerations=[4, 8],
+                                   augment_p=0.5, augment_start=0.5, duplicate=True), train=True, max_epochs=10)
+    assert not any(ramped.sample(f"k{i}", i % 2, 396).augmented for i in range(100))
 
 
 def write_volume(path, kspace_slices, with_mask=None):

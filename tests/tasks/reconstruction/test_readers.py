@@ -315,6 +315,28 @@ def test_raw_file_errors_name_the_file(tmp_path, array, axes, message):
     assert "bad.npy" in str(excinfo.value)
 
 
+def test_pickled_or_foreign_numpy_files_are_user_errors_naming_the_file(tmp_path):
+    """An object array (e.g. another task's table saved with pickling) is refused, never
+    unpickled; a file that is not numpy at all likewise."""
+    np.save(tmp_path / "objects.npy", np.array([{"landmarks": [1, 2]}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "objects.npz", kspace=np.array([None, 1], dtype=object))
+    (tmp_path / "text.npy").write_text("not numpy")
+    for name in ("objects.npy", "objects.npz", "text.npy"):
+        with pytest.raises(UserError, match="complex multi-coil k-space") as excinfo:
+            read_kspace_file(tmp_path / name)
+        assert name in str(excinfo.value)
+
+
+def test_h5_of_another_task_names_the_datasets_it_has(tmp_path):
+    path = tmp_path / "segmentation.h5"
+    with h5py.File(path, "w") as f:
+        f["image"] = np.zeros((4, 4), np.float32)
+        f["label"] = np.zeros((4, 4), np.uint8)
+    with pytest.raises(UserError, match=r"segmentation\.h5.*\['image', 'label'\].*expects") as excinfo:
+        read_volume_info(path)
+    assert "kspace" in str(excinfo.value)
+
+
 def test_unsupported_and_missing_files(tmp_path):
     (tmp_path / "k.txt").write_text("1 2 3")
     with pytest.raises(UserError, match="unsupported"):

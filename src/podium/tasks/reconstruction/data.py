@@ -7,9 +7,10 @@ the maximum of the zero-filled image — which is known at test time, so a model
 the same scale whatever the scanner's units. Masks:
 - training: fresh every time from `data.mask` (optionally mixed with every mask type by a
   probability that ramps over epochs, `mask.augment_p`), or the fixed bank when
-  `mask.duplicate` exposes every k-space once per acceleration per epoch;
+  `mask.duplicate` exposes every k-space once per acceleration per epoch (its masks augmented
+  with the same probability, at the copy's acceleration);
 - evaluation: every slice once per acceleration, with a mask seeded from the file name and
-  slice, so validation never changes between runs; files that carry their own mask (SNU,
+  slice (each acceleration with its own centre fraction), so validation never changes between runs; files that carry their own mask (SNU,
   fastMRI test) use it.
 
     podium train experiment=varnet_demo
@@ -115,12 +116,19 @@ def _crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return image[..., top:top + th, left:left + tw]
 
 
-def center_block_width(mask: np.ndarray) -> int:
-    """Width of the contiguous sampled block around the centre column (the calibration lines)."""
+def center_block_width(mask: np.ndarray, symmetric: bool = False) -> int:
+    """Width of the contiguous sampled block around the centre column (the calibration lines),
+    or with `symmetric` fastMRI's count 2 x min(run left of W // 2, run from W // 2) (32, not
+    33, on an SNU mask where an equispaced line touches the block). 0: the centre column is not
+    sampled."""
     w = len(mask)
     c = w // 2
     if not mask[c]:
         return 0
+    if symmetric:
+        right = int(np.argmin(np.append(np.asarray(mask[c:], bool), False)))
+        left = int(np.argmin(np.append(np.asarray(mask[:c][::-1], bool), False)))
+        return 2 * min(left, right)
     left = c
     while left > 0 and mask[left - 1]:
         left -= 1
@@ -154,6 +162,7 @@ def make_sample(kspace: np.ndarray, sampled: mk.SampledMask, target: np.ndarray 
         "scale": torch.tensor(scale, dtype=torch.float64),
         "fg_mask": torch.from_numpy(np.asarray(fg, dtype=np.float32)),
         "acceleration": torch.tensor(int(sampled.acceleration)),
+        "mask_augmented": torch.tensor(bool(sampled.augmented)),
         "volume": torch.tensor(volume), "slice": torch.tensor(slice_index), "index": torch.tensor(index),
         "anatomy": torch.tensor(anatomy),
     }
@@ -168,33 +177,52 @@ def anatomy_id(name: str | None) -> int:
 
 class MaskPolicy:
     """Which mask a sample gets: fresh (optionally augmented) for training, seeded per slice and
-    one copy per acceleration for evaluation (the fixed bank), or the file's own."""
+    one copy per acceleration for evaluation (the fixed bank), or the file's own. With
+    `duplicate` the training bank is augmented too: copy i of a sample is replaced, with the
+    scheduled probability, by a pool mask at the same acceleration (so acc4/acc8 stay balanced)."""
 
     def __init__(self, cfg: MaskConfig, train: bool, max_epochs: int = 1):
         self.cfg, self.train, self.max_epochs = cfg, train, max(1, max_epochs)
         self.func = mk.build_mask_func(cfg.type, cfg.center_fractions, cfg.accelerations)
         self.augment = None
         if train and cfg.augment_p > 0:
-            pool = [mk.build_mask_func(t, cfg.center_fractions, cfg.accelerations) for t in mk.MASK_TYPES
-                    if t != "snu"]
-            self.augment = mk.MaskAugmentation(self.func, pool, schedule=cfg.augment_schedule,
-                                               p_max=cfg.augment_p, start=cfg.augment_start, end=cfg.augment_end)
-        self.bank = None
+            self.augment = self._augmentation(self.func, cfg.center_fractions, cfg.accelerations)
+        self.bank, self.bank_augment = None, []
         if not train or cfg.duplicate:
-            self.bank = mk.MaskBank(accelerations=tuple(cfg.accelerations), center_fraction=cfg.center_fractions[0],
-                                    kind=cfg.type)
+            # each acceleration keeps its own centre fraction ([0.08, 0.04] -> 8 % at 4x, 4 % at 8x)
+            self.bank = mk.MaskBank(accelerations=tuple(cfg.accelerations),
+                                    center_fraction=[float(f) for f in cfg.center_fractions], kind=cfg.type)
+            if self.augment is not None:
+                self.bank_augment = [
+                    self._augmentation(mk.build_mask_func(cfg.type, [f], [a]), [f], [a])
+                    for f, a in zip(self.bank.center_fractions, self.bank.accelerations)]
         self.epoch = 0
+
+    def _augmentation(self, base: mk.MaskFunc, fractions, accelerations) -> mk.MaskAugmentation:
+        cfg = self.cfg
+        pool = [mk.build_mask_func(t, fractions, accelerations) for t in mk.MASK_TYPES if t != "snu"]
+        return mk.MaskAugmentation(base, pool, schedule=cfg.augment_schedule, p_max=cfg.augment_p,
+                                   start=cfg.augment_start, end=cfg.augment_end)
 
     @property
     def copies(self) -> int:
         return len(self.cfg.accelerations) if self.bank is not None else 1
 
+    @property
+    def progress(self) -> float:
+        return self.epoch / self.max_epochs
+
     def sample(self, key: str, copy: int, num_cols: int) -> mk.SampledMask:
-        if self.bank is not None:
+        if self.bank is not None and not self.bank_augment:
             return self.bank.mask_for(key, num_cols, copy)
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        if self.bank is not None:
+            augment = self.bank_augment[copy]
+            if rng.random() < augment.probability(self.progress):
+                return augment.draw_from_pool(num_cols, rng)
+            return self.bank.mask_for(key, num_cols, copy)
         if self.augment is not None:
-            return self.augment(num_cols, rng, self.epoch / self.max_epochs)
+            return self.augment(num_cols, rng, self.progress)
         return self.func(num_cols, rng)
 
 
@@ -202,7 +230,8 @@ class MaskPolicy:
 class SliceDataset(Dataset):
     """fastMRI-format volumes, slice by slice, through the metadata-cached slice index."""
 
-    def __init__(self, files: list[Path], cfg: MRIDataConfig, policy: MaskPolicy, cache_dir: Path | None):
+    def __init__(self, files: list[Path], cfg: MRIDataConfig, policy: MaskPolicy, cache_dir: Path | None,
+                 symmetric_centre: bool = False):
         if not files:
             raise UserError("no .h5 volumes found for this split.")
         self.index = readers.SliceIndex.build(files, cache_dir=cache_dir)
@@ -211,6 +240,7 @@ class SliceDataset(Dataset):
         if cfg.max_slices > 0:
             self.slices = self.slices[: cfg.max_slices]
         self.volume_names = [str(v.path) for v in self.index.volumes]
+        self.symmetric_centre = symmetric_centre  # the model's centre_detection, for file masks
         # test files that carry their own mask are scored with it, once per slice
         self.file_masks = cfg.use_file_masks and all(v.mask is not None for v in self.index.volumes) and (
             not policy.train or policy.augment is None)
@@ -234,11 +264,11 @@ class SliceDataset(Dataset):
         if self.file_masks:
             file_mask = np.asarray(data["mask"], bool)
             acc = int(info.acceleration or round(len(file_mask) / max(1, file_mask.sum())))
-            sampled = mk.SampledMask(file_mask, center_block_width(file_mask), acc)
+            sampled = mk.SampledMask(file_mask, center_block_width(file_mask, self.symmetric_centre), acc)
         else:
             sampled = self.policy.sample(f"{Path(info.path).name}:{s}", index % self.copies, kspace.shape[-1])
             sampled = mk.SampledMask(mk.apply_padding(sampled.mask, info.padding_left, info.padding_right),
-                                     sampled.num_low_frequencies, sampled.acceleration)
+                                     sampled.num_low_frequencies, sampled.acceleration, sampled.augmented)
         target = data.get("target")
         max_value = info.max_value if target is not None else None
         threshold = self._threshold(info) if target is not None else 0.0
@@ -266,13 +296,14 @@ def _cache_dir(cfg: MRIDataConfig) -> Path:
 
 
 @register("dataset", "fastmri", schema=FastMRIDataConfig, help="fastMRI multi-coil HDF5 folders.")
-def fastmri_datasets(cfg, seed: int = 0, max_epochs: int = 1, **_):
+def fastmri_datasets(cfg, seed: int = 0, max_epochs: int = 1, centre_detection: str = "contiguous", **_):
     cfg = _as(cfg, FastMRIDataConfig)
-    cache = _cache_dir(cfg)
-    out = {"train": SliceDataset(_h5_files(cfg.train, "train"), cfg, MaskPolicy(cfg.mask, True, max_epochs), cache),
-           "val": SliceDataset(_h5_files(cfg.val, "val"), cfg, MaskPolicy(cfg.mask, False), cache)}
+    cache, sym = _cache_dir(cfg), centre_detection == "symmetric"
+    out = {"train": SliceDataset(_h5_files(cfg.train, "train"), cfg, MaskPolicy(cfg.mask, True, max_epochs), cache,
+                                 sym),
+           "val": SliceDataset(_h5_files(cfg.val, "val"), cfg, MaskPolicy(cfg.mask, False), cache, sym)}
     if cfg.test:
-        out["test"] = SliceDataset(_h5_files(cfg.test, "test"), cfg, MaskPolicy(cfg.mask, False), cache)
+        out["test"] = SliceDataset(_h5_files(cfg.test, "test"), cfg, MaskPolicy(cfg.mask, False), cache, sym)
     return out
 
 
@@ -284,7 +315,8 @@ class SNUDataset(Dataset):
     challenge's last step). The foreground mask is the leaderboard scorer's (absolute threshold
     by anatomy, erode/dilate/erode)."""
 
-    def __init__(self, root: Path, cfg: SNUDataConfig, policy: MaskPolicy, cache_dir: Path | None):
+    def __init__(self, root: Path, cfg: SNUDataConfig, policy: MaskPolicy, cache_dir: Path | None,
+                 symmetric_centre: bool = False):
         volumes = readers.snu_volume_pairs(root)
         if not volumes:
             raise UserError(f"{root}: no SNU volumes (expected image/ and kspace/ folders of .h5 files).")
@@ -294,6 +326,7 @@ class SNUDataset(Dataset):
         if cfg.max_slices > 0:
             self.slices = self.slices[: cfg.max_slices]
         self.volume_names = [Path(v.path).stem for v in self.index.volumes]
+        self.symmetric_centre = symmetric_centre  # the model's centre_detection, for file masks
         # evaluation always scores the file's own mask (the leaderboard's); training may draw
         # fresh masks (augmentation, the acc4/acc8 bank) instead
         self.file_masks = not policy.train or (cfg.use_file_masks and policy.augment is None and not cfg.mask.duplicate)
@@ -312,7 +345,7 @@ class SNUDataset(Dataset):
         name = Path(info.path).stem
         if self.file_masks:
             acc = int(info.acceleration or round(len(file_mask) / max(1, file_mask.sum())))
-            sampled = mk.SampledMask(file_mask, center_block_width(file_mask), acc)
+            sampled = mk.SampledMask(file_mask, center_block_width(file_mask, self.symmetric_centre), acc)
         else:
             sampled = self.policy.sample(f"{name}:{s}", index % self.copies, kspace.shape[-1])
         threshold = SNU_THRESHOLDS.get(info.anatomy or "brain", SNU_THRESHOLDS["brain"])
@@ -323,16 +356,16 @@ class SNUDataset(Dataset):
 
 
 @register("dataset", "snu", schema=SNUDataConfig, help="SNU FastMRI challenge layout (brain/knee, acc4/acc8).")
-def snu_datasets(cfg, seed: int = 0, max_epochs: int = 1, **_):
+def snu_datasets(cfg, seed: int = 0, max_epochs: int = 1, centre_detection: str = "contiguous", **_):
     cfg = _as(cfg, SNUDataConfig)
     if not cfg.root:
         raise UserError("data.root is required: the SNU data folder holding train/ and val/.")
-    root, cache = Path(cfg.root), _cache_dir(cfg)
-    out = {"train": SNUDataset(root / "train", cfg, MaskPolicy(cfg.mask, True, max_epochs), cache),
-           "val": SNUDataset(root / "val", cfg, MaskPolicy(cfg.mask, False), cache)}
+    root, cache, sym = Path(cfg.root), _cache_dir(cfg), centre_detection == "symmetric"
+    out = {"train": SNUDataset(root / "train", cfg, MaskPolicy(cfg.mask, True, max_epochs), cache, sym),
+           "val": SNUDataset(root / "val", cfg, MaskPolicy(cfg.mask, False), cache, sym)}
     if cfg.leaderboard:
         for acc in ("acc4", "acc8"):
             folder = Path(cfg.leaderboard) / acc
             if folder.exists():
-                out[f"test_{acc}"] = SNUDataset(folder, cfg, MaskPolicy(cfg.mask, False), cache)
+                out[f"test_{acc}"] = SNUDataset(folder, cfg, MaskPolicy(cfg.mask, False), cache, sym)
     return out

@@ -38,7 +38,7 @@ import hashlib
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,11 +47,13 @@ from podium.errors import UserError
 
 @dataclass(frozen=True)
 class SampledMask:
-    """One drawn mask: `mask` bool (W,) read-only, the centre width and the nominal acceleration."""
+    """One drawn mask: `mask` bool (W,) read-only, the centre width, the nominal acceleration,
+    and whether it was drawn from a mask-augmentation pool instead of the configured mask."""
 
     mask: np.ndarray
     num_low_frequencies: int
     acceleration: int
+    augmented: bool = False
 
     def __post_init__(self) -> None:
         # A copy made read-only: masks are cached and shared (MaskBank), nobody may edit them.
@@ -373,8 +375,12 @@ class MaskAugmentation:
 
     def __call__(self, num_cols: int, rng: np.random.Generator, progress: float) -> SampledMask:
         if rng.random() < self.probability(progress):
-            return self.pool[int(rng.integers(len(self.pool)))](num_cols, rng)
+            return self.draw_from_pool(num_cols, rng)
         return self.base(num_cols, rng)
+
+    def draw_from_pool(self, num_cols: int, rng: np.random.Generator) -> SampledMask:
+        drawn = self.pool[int(rng.integers(len(self.pool)))](num_cols, rng)
+        return replace(drawn, augmented=True)
 
 
 class MaskBank:
@@ -388,15 +394,23 @@ class MaskBank:
     def __init__(
         self,
         accelerations: Sequence[int] = (4, 8),
-        center_fraction: float = 0.08,
+        center_fraction: float | Sequence[float] = 0.08,
         kind: str = "snu",
     ):
         if not accelerations:
             raise ValueError("accelerations must not be empty")
         self.accelerations = tuple(_as_acceleration(a) for a in accelerations)
-        self.center_fraction, self.kind = center_fraction, kind
+        # one fraction for all, or one per acceleration (fastMRI's [0.08, 0.04] for [4, 8]):
+        # each acceleration keeps its own centre width
+        fractions = [center_fraction] * len(self.accelerations) if isinstance(
+            center_fraction, numbers.Real) else list(center_fraction)
+        if len(fractions) != len(self.accelerations):
+            raise ValueError(f"need one center fraction per acceleration {list(self.accelerations)}, "
+                             f"got {fractions}")
+        self.center_fractions, self.kind = tuple(float(f) for f in fractions), kind
         self._mask_funcs = [
-            build_mask_func(kind, [center_fraction], [acc]) for acc in self.accelerations
+            build_mask_func(kind, [fraction], [acc])
+            for fraction, acc in zip(self.center_fractions, self.accelerations)
         ]
 
     @property

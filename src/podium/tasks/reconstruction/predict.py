@@ -34,6 +34,13 @@ def _slices(path: Path):
         yield rawfiles.read_kspace_file(base if path.suffix in (".cfl", ".hdr") else path), None
 
 
+def symmetric_centre(model) -> bool:
+    """Whether the (possibly wrapped) model counts calibration columns as fastMRI does."""
+    while hasattr(model, "module") and not hasattr(model, "centre_detection"):
+        model = model.module
+    return getattr(model, "centre_detection", "contiguous") == "symmetric"
+
+
 def sampled_columns(kspace: np.ndarray) -> np.ndarray:
     return np.abs(kspace).sum(axis=(0, 1)) > 0
 
@@ -57,7 +64,7 @@ def predict_files(task, model, inputs: list[Path], out_file: Path, device: torch
                 if mask.all():
                     raise UserError(f"{path}: k-space is fully sampled; predict expects undersampled data.")
                 acc = int(round(len(mask) / max(1, mask.sum())))
-                sampled = mk.SampledMask(mask, center_block_width(mask), acc)
+                sampled = mk.SampledMask(mask, center_block_width(mask, symmetric_centre(model)), acc)
                 sample = make_sample(kspace, sampled, None, max_value=None, recon_size=kspace.shape[-2:],
                                      fg_threshold=0.0, volume=0, slice_index=0, index=0, anatomy=0)
                 batch = {k: v[None].to(device) for k, v in sample.items()}

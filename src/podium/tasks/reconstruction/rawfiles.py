@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -131,6 +132,20 @@ def _arrange(array: np.ndarray, axes: str, where: str) -> np.ndarray:
     return np.transpose(array, [letters.index(a) for a in "CHW"])
 
 
+def _load_numpy(path: Path, key: str | None) -> tuple[np.ndarray, str | None, str]:
+    """A .npy / .npz array; pickled (object) arrays are refused, never unpickled: they can run
+    code, and they are not k-space (e.g. a landmark table saved with allow_pickle)."""
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path, allow_pickle=False), key, str(path)
+        with np.load(path, allow_pickle=False) as archive:
+            key = _choose_key(path, list(archive.files), key)
+            return archive[key], key, f"{path}, key {key!r}"
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not a numeric k-space array ({exc}); the reconstruction task expects "
+                        "complex multi-coil k-space (coils, H, W), saved without pickling.") from None
+
+
 def read_kspace_file(path: PathLike, key: str | None = None, axes: str = "auto") -> np.ndarray:
     """One slice of multi-coil k-space from `.mat` (v5 via scipy, v7.3 via h5py), `.npy`,
     `.npz` or BART `.cfl`/`.hdr`, as complex64 (C, H, W).
@@ -153,12 +168,8 @@ def read_kspace_file(path: PathLike, key: str | None = None, axes: str = "auto")
     elif suffix == ".mat":
         array, key = _load_mat(path, key)
         where = f"{path}, key {key!r}"
-    elif suffix == ".npy":
-        array, where = np.load(path, allow_pickle=False), str(path)
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            key = _choose_key(path, list(archive.files), key)
-            array, where = archive[key], f"{path}, key {key!r}"
+    elif suffix in (".npy", ".npz"):
+        array, key, where = _load_numpy(path, key)
     else:
         raise UserError(f"{path}: unsupported k-space file type {suffix!r} "
                         "(supported: .mat, .npy, .npz, .cfl/.hdr; fastMRI .h5 via read_slice).")

@@ -207,7 +207,8 @@ def _parse_header(raw: Any, width: int, where: str) -> tuple[tuple[int, int], in
 def _info_from_file(f: h5py.File, path: Path) -> VolumeInfo:
     where = str(path)
     if "kspace" not in f:
-        raise UserError(f"{where}: no 'kspace' dataset (found: {sorted(f.keys())}).")
+        raise UserError(f"{where}: no 'kspace' dataset (found: {sorted(f.keys())}); the reconstruction "
+                        "task expects fastMRI-style HDF5 with complex 'kspace' (slices, coils, H, W).")
     kspace = f["kspace"]
     _require_complex(kspace, f"{where}, key 'kspace'")
     if kspace.ndim == 3:  # single-coil fastMRI: (slices, H, W)

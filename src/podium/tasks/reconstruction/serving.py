@@ -82,14 +82,18 @@ class KspaceToImage(nn.Module):
 
     def __init__(self, model: nn.Module, readout_flip: bool = False):
         super().__init__()
+        from podium.tasks.reconstruction.predict import symmetric_centre
+
         self.model, self.readout_flip = model, readout_flip
+        self.symmetric = symmetric_centre(model)
 
     def forward(self, masked_kspace: Tensor) -> Tensor:
         sampled = masked_kspace.abs().sum(dim=(1, 2, 4)) > 0  # (B, W)
         centre = sampled.shape[1] // 2
         right = torch.cumprod(sampled[:, centre:].to(torch.int64), dim=1).sum(dim=1)
         left = torch.cumprod(sampled[:, :centre].flip(1).to(torch.int64), dim=1).sum(dim=1)
-        low = torch.where(sampled[:, centre], left + right, torch.zeros_like(left))
+        width = 2 * torch.minimum(left, right) if self.symmetric else left + right  # model.centre_detection
+        low = torch.where(sampled[:, centre], width, torch.zeros_like(left))
         mask = sampled.to(masked_kspace.dtype)[:, None, None, :, None]
         return readout_flip_average(self.model, masked_kspace, mask, low, self.readout_flip).float()
 

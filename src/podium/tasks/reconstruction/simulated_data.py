@@ -102,7 +102,7 @@ class SimulatedSlices(Dataset):
         left, right = s.padding
         mask[:left] = False  # never-acquired columns carry no data
         mask[right:] = False
-        sampled = type(sampled)(mask, sampled.num_low_frequencies, sampled.acceleration)
+        sampled = type(sampled)(mask, sampled.num_low_frequencies, sampled.acceleration, sampled.augmented)
         return make_sample(s.kspace, sampled, s.target, max_value=None, recon_size=s.target.shape,
                            fg_threshold=self.cfg.foreground_threshold * float(s.target.max()),
                            volume=0, slice_index=0, index=index, anatomy=anatomy_id("brain"))
@@ -158,7 +158,7 @@ def _materialise_val(cfg: SimulatedDataConfig, images: list[np.ndarray], seed: i
 
 @register("dataset", "simulated_mri", schema=SimulatedDataConfig,
           help="Multi-coil k-space simulated from real MR images (FOV fold-over, coil maps, noise).")
-def simulated_datasets(cfg, seed: int = 0, max_epochs: int = 1, **_):
+def simulated_datasets(cfg, seed: int = 0, max_epochs: int = 1, centre_detection: str = "contiguous", **_):
     cfg = as_config(cfg, SimulatedDataConfig)
     if len(cfg.shape) != 2:
         raise UserError(f"data.shape={list(cfg.shape)}: expected [readout, phase].")
@@ -168,7 +168,8 @@ def simulated_datasets(cfg, seed: int = 0, max_epochs: int = 1, **_):
     out = {"train": SimulatedSlices(train_images, params, cfg, MaskPolicy(cfg.mask, True, max_epochs),
                                     cfg.train_size, bank)}
     val_files = _materialise_val(cfg, val_images or train_images, seed=0, coil_bank=bank)
-    out["val"] = SliceDataset(val_files, cfg, MaskPolicy(cfg.mask, False), _cache_dir(cfg))
+    out["val"] = SliceDataset(val_files, cfg, MaskPolicy(cfg.mask, False), _cache_dir(cfg),
+                              centre_detection == "symmetric")
     if cfg.real_test:
         out["test_real"] = RawKspaceSlices(list(cfg.real_test), cfg.real_test_axes, cfg, MaskPolicy(cfg.mask, False))
     return out

@@ -6,8 +6,13 @@ exactly as fastMRI's evaluate.py (and, optionally, the SNU leaderboard) does.
     podium predict runs/<run> scan.h5 --out recon.h5
 
 Metrics are computed per volume and acceleration — SSIM per slice with the volume's maximum as
-data range, averaged over the volume's slices; PSNR and NMSE over the whole volume — then
-averaged over volumes, overall and per (acceleration x anatomy) group (`ssim_acc4_brain`).
+data range, averaged over the volume's slices; PSNR and NMSE over the whole volume, in the
+data's own units (each slice is scaled by its own zero-filled maximum for the model, so errors
+are scaled back before they are summed) with the maximum of the whole target volume as PSNR
+data range — then averaged over volumes, overall and per (acceleration x anatomy) group
+(`ssim_acc4_brain`). The SNU leaderboard SSIM is averaged over slices, not volumes, as its
+scorer does; with the leaderboard's acc4 and acc8 as separate test splits, the second one also
+reports their combined score (`ssim_snu_leaderboard_combined`).
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from podium.tasks.reconstruction import plots
 from podium.tasks.reconstruction.adapt import AdaptConfig, check_adapt_config
 from podium.tasks.reconstruction.data import ANATOMIES
 from podium.tasks.reconstruction.fft import flip_readout
+from podium.tasks.reconstruction.outputs import SliceSpool, write_volumes
 
 
 @dataclass
 class ReconTaskConfig:
     name: str = "reconstruction"
     snu_metrics: bool = False  # also report the SNU leaderboard SSIM (foreground-masked)
-    keep_images: bool = True  # keep reconstructions in memory for plots and saved predictions
+    keep_images: bool = True  # write predictions/*.h5 and plots (slices are spooled to disk, see outputs.py)
     plots: int = 2  # best and worst slices plotted per split
     # evaluation, predict and serving: average with the reconstruction of the readout-mirrored
     # scan (same sampled columns; 2x the inference time)
@@ -76,11 +82,18 @@ class ReconstructionTask(Task):
         self.loss_fn = None
         self.adapt_cfg = cfg.task.adapt if "adapt" in cfg.task else AdaptConfig()
         check_adapt_config(self.adapt_cfg)
+        run = cfg.get("run") or {}
+        self.spool = SliceSpool(run.get("dir"))
+        self._written: dict[str, dict] = {}  # split -> {(volume, acc): (h5 path, {slice: position})}
+        self._test_snu_scores: dict[str, dict[int, tuple[float, int]]] = {}  # split -> acc -> (sum, n)
+        self.masks_augmented = 0  # training masks drawn from the augmentation pool (logged)
 
     # ---- building
     def dataset_context(self):
         # mask-augmentation schedules ramp over the run's epochs
-        return {"max_epochs": int(self.cfg.trainer.max_epochs) if "trainer" in self.cfg else 1}
+        # and file masks get the calibration width the model's centre detection would find
+        return {"max_epochs": int(self.cfg.trainer.max_epochs) if "trainer" in self.cfg else 1,
+                "centre_detection": str((self.cfg.get("model") or {}).get("centre_detection", "contiguous"))}
 
     def build_model(self):
         return registry.build("model", self.cfg.model.name, self.cfg.model)
@@ -99,31 +112,39 @@ class ReconstructionTask(Task):
     def training_step(self, model, batch, ctx: StepContext):
         pred = self.reconstruct(model, batch)
         loss = self.loss_fn(pred.float(), batch["target"], batch["max_value"], batch["fg_mask"])
-        return {"loss": loss}
+        if "mask_augmented" in batch:
+            self.masks_augmented += int(batch["mask_augmented"].sum())
+        return {"loss": loss, "masks_augmented": self.masks_augmented}
 
     # ---- evaluation
     @torch.no_grad()
     def evaluation_step(self, model, batch, ctx: StepContext) -> list[dict]:
+        """Scalar records only: errors in the data's own units (x scale^2), the target slice's
+        maximum, SSIM (scale-free); with `keep_images` the reconstruction goes to the spool."""
         pred = self.reconstruct(model, batch).float().cpu().numpy().astype(np.float64)
         target = batch["target"].cpu().numpy().astype(np.float64)
         fg = batch["fg_mask"].cpu().numpy()
+        rank = int(getattr(ctx.fabric, "global_rank", 0)) if ctx is not None else 0
         records = []
         for i in range(len(pred)):
-            maxval = float(batch["max_value"][i])
+            maxval, scale = float(batch["max_value"][i]), float(batch["scale"][i])
             rec = {"volume": int(batch["volume"][i]), "slice": int(batch["slice"][i]),
                    "acceleration": int(batch["acceleration"][i]), "anatomy": int(batch["anatomy"][i]),
-                   "index": int(batch["index"][i]), "max_value": maxval, "scale": float(batch["scale"][i]),
+                   "index": int(batch["index"][i]), "max_value": maxval * scale, "scale": scale,
                    "ssim": rm.ssim_fastmri(target[i][None], pred[i][None], maxval=maxval),
-                   "sse": float(((target[i] - pred[i]) ** 2).sum()), "energy": float((target[i] ** 2).sum()),
-                   "pixels": int(target[i].size)}
+                   "sse": float(((target[i] - pred[i]) ** 2).sum()) * scale**2,
+                   "energy": float((target[i] ** 2).sum()) * scale**2,
+                   "target_max": float(target[i].max()) * scale, "pixels": int(target[i].size)}
             if self.cfg.task.snu_metrics:
                 rec["ssim_snu"] = rm.ssim_fastmri((target[i] * fg[i])[None], (pred[i] * fg[i])[None], maxval=maxval)
             if self.cfg.task.keep_images:
-                rec["pred"], rec["target"] = pred[i].astype(np.float32), target[i].astype(np.float32)
+                rec["image_file"] = self.spool.write(pred[i] * scale, rank, rec["volume"], rec["acceleration"],
+                                                     rec["slice"])
             records.append(rec)
         return records
 
     def aggregate(self, records, split):
+        self.spool.end_pass()
         if not records:
             raise UserError(f"the {split} split produced no slices.")
         per_volume = defaultdict(list)
@@ -131,13 +152,13 @@ class ReconstructionTask(Task):
             per_volume[(r["volume"], r["acceleration"], r["anatomy"])].append(r)
         rows = []
         for (vol, acc, anat), recs in sorted(per_volume.items()):
+            # fastMRI evaluate.py on the whole volume: NMSE = ||gt - pred||^2 / ||gt||^2,
+            # PSNR with data_range = gt.max() of the volume
             sse, energy = sum(r["sse"] for r in recs), sum(r["energy"] for r in recs)
-            pixels, maxval = sum(r["pixels"] for r in recs), recs[0]["max_value"]
-            row = {"group": group_name(acc, anat), "ssim": float(np.mean([r["ssim"] for r in recs])),
-                   "nmse": sse / max(energy, 1e-30), "psnr": float(10 * np.log10(maxval**2 / max(sse / pixels, 1e-30)))}
-            if self.cfg.task.snu_metrics:
-                row["ssim_snu"] = float(np.mean([r["ssim_snu"] for r in recs]))
-            rows.append(row)
+            pixels, maxval = sum(r["pixels"] for r in recs), max(r["target_max"] for r in recs)
+            rows.append({"group": group_name(acc, anat), "ssim": float(np.mean([r["ssim"] for r in recs])),
+                         "nmse": sse / max(energy, 1e-30),
+                         "psnr": float(10 * np.log10(maxval**2 / max(sse / pixels, 1e-30)))})
         keys = [k for k in rows[0] if k != "group"]
         metrics = {k: float(np.mean([r[k] for r in rows])) for k in keys}
         groups = sorted({r["group"] for r in rows})
@@ -146,11 +167,33 @@ class ReconstructionTask(Task):
                 for k in keys:
                     metrics[f"{k}_{g}"] = float(np.mean([r[k] for r in rows if r["group"] == g]))
         if self.cfg.task.snu_metrics:
-            # the leaderboard's printed score: the mean of the acc4 and acc8 scores
-            accs = sorted({int(g.split("_")[0][3:]) for g in groups})
-            metrics["ssim_snu_leaderboard"] = float(np.mean(
-                [np.mean([r["ssim_snu"] for r in rows if r["group"].startswith(f"acc{a}_")]) for a in accs]))
+            metrics.update(self._snu_metrics(records, split))
         return metrics
+
+    def _snu_metrics(self, records, split) -> dict:
+        """The SNU scorer's means run over all slices of all files (a 36-slice file weighs more
+        than a 16-slice one); its printed score is the mean of the acc4 and acc8 means."""
+        out = {"ssim_snu": float(np.mean([r["ssim_snu"] for r in records]))}
+        for g in sorted({group_name(r["acceleration"], r["anatomy"]) for r in records}):
+            out[f"ssim_snu_{g}"] = float(np.mean([r["ssim_snu"] for r in records
+                                                  if group_name(r["acceleration"], r["anatomy"]) == g]))
+        per_acc: dict[int, tuple[float, int]] = {}
+        for r in records:
+            total, n = per_acc.get(r["acceleration"], (0.0, 0))
+            per_acc[r["acceleration"]] = (total + r["ssim_snu"], n + 1)
+        out["ssim_snu_leaderboard"] = float(np.mean([t / n for t, n in per_acc.values()]))
+        if split.startswith("test"):
+            # leaderboard/acc4 and leaderboard/acc8 are separate splits: once both are scored,
+            # report the score the leaderboard prints
+            self._test_snu_scores[split] = per_acc
+            pooled: dict[int, list[float]] = defaultdict(lambda: [0.0, 0])
+            for scores in self._test_snu_scores.values():
+                for acc, (total, n) in scores.items():
+                    pooled[acc][0] += total
+                    pooled[acc][1] += n
+            if len(self._test_snu_scores) > 1 and len(pooled) > len(per_acc):
+                out["ssim_snu_leaderboard_combined"] = float(np.mean([t / n for t, n in pooled.values()]))
+        return out
 
     # ---- outputs
     def _volume_name(self, split, volume):
@@ -158,28 +201,32 @@ class ReconstructionTask(Task):
 
     def save_predictions(self, records, split, out_dir: Path):
         """One HDF5 file per (volume, acceleration) with key `reconstruction` (slices, h, w) in
-        the data's own units — the fastMRI / SNU submission format."""
+        the data's own units — the fastMRI / SNU submission format — assembled from the spool
+        one volume at a time."""
+        if not records or "image_file" not in records[0]:
+            return []
+        written = write_volumes(records, Path(out_dir) / split, lambda vol: self._volume_name(split, vol))
+        self.spool.release([r["image_file"] for r in records])
+        self._written[split] = written
+        return [path for path, _ in written.values()]
+
+    def _images(self, split, record) -> tuple[np.ndarray, np.ndarray]:
+        """(target, reconstruction) of one slice in the data's units: the reconstruction from the
+        saved predictions (or the spool), the target read again from the dataset."""
         import h5py
 
-        if not records or "pred" not in records[0]:
-            return []
-        out_dir = Path(out_dir) / split
-        out_dir.mkdir(parents=True, exist_ok=True)
-        by_volume = defaultdict(list)
-        for r in records:
-            by_volume[(r["volume"], r["acceleration"])].append(r)
-        paths = []
-        for (vol, acc), recs in sorted(by_volume.items()):
-            recs = sorted(recs, key=lambda r: r["slice"])
-            path = out_dir / f"{self._volume_name(split, vol)}_acc{acc}.h5"
-            with h5py.File(path, "w") as f:
-                f.create_dataset("reconstruction", data=np.stack([r["pred"] * r["scale"] for r in recs]))
-                f.attrs["acceleration"] = acc
-            paths.append(path)
-        return paths
+        key = (record["volume"], record["acceleration"])
+        if key in self._written.get(split, {}):
+            path, positions = self._written[split][key]
+            with h5py.File(path, "r") as f:
+                pred = f["reconstruction"][positions[record["slice"]]]
+        else:
+            pred = np.load(record["image_file"])
+        sample = self.build_datasets()[split][record["index"]]
+        return sample["target"].numpy() * float(sample["scale"]), pred
 
     def visualize(self, records, split, out_dir: Path):
-        if not records or "pred" not in records[0]:
+        if not records or "image_file" not in records[0]:
             return []
         ranked = sorted(records, key=lambda r: r["ssim"])
         n = min(self.cfg.task.plots, len(ranked))
@@ -188,8 +235,9 @@ class ReconstructionTask(Task):
         for tag, r in picks:
             title = (f"{self._volume_name(split, r['volume'])} slice {r['slice']} "
                      f"{group_name(r['acceleration'], r['anatomy'])}: SSIM {r['ssim']:.4f}")
+            target, pred = self._images(split, r)
             paths.append(plots.plot_reconstruction(
-                r["target"], r["pred"], Path(out_dir) / f"{split}_{tag}_{r['index']}.png", title=title,
+                target, pred, Path(out_dir) / f"{split}_{tag}_{r['index']}.png", title=title,
                 data_range=r["max_value"]))
         return paths
 

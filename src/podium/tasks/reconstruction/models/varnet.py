@@ -12,7 +12,15 @@ Parameter counts (pools 4, sens_pools 4): 12/18/8 = 29,936,966 and 20/18/8 = 49,
 (cascades / chans / sens_chans), pinned by the tests.
 
 Shapes: masked k-space (B, coils, H, W, 2); mask (B, 1, 1, W, 1), float 0/1 or bool;
-num_low_frequencies (B,) (or an int), None or 0 meaning "find the centre block in the mask".
+num_low_frequencies (B,) (or an int), None or 0 meaning "find the centre block in the mask":
+the whole sampled run through column W // 2 (`centre_detection: contiguous`), or fastMRI's
+symmetric count, 2 x min(run left of W // 2, run from W // 2) (`symmetric`: 32 columns on an SNU
+mask whose run is 33 because an equispaced line touches the block).
+
+Weights: `model.weights=FILE` loads a local state dict, podium's or the fastMRI repository's
+VarNet (`fastmri.models.VarNet`, or a Lightning checkpoint of its VarNetModule): the keys are
+renamed (`fastmri_varnet_state_dict`); with `centre_detection: symmetric` the model then
+computes what fastMRI's does.
 
     >>> import torch
     >>> from podium.tasks.reconstruction.models.varnet import VarNet
@@ -24,9 +32,12 @@ num_low_frequencies (B,) (or an int), None or 0 meaning "find the centre block i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +72,13 @@ class VarNetConfig:
     sens_pools: int = 4
     lska_kernel: int = 0  # 0 = off; else one of 7, 11, 23, 35, 41, 53 (models/lska.py)
     lska_levels: str = "bottleneck"  # "bottleneck" | "all" conv blocks of the cascade U-Nets
+    # calibration width when the data gives none: contiguous (the sampled run through the
+    # centre) | symmetric (fastMRI's 2 x min(left, right) run)
+    centre_detection: str = "contiguous"
+    weights: Optional[str] = None  # a LOCAL state dict: podium's or fastMRI's VarNet keys
+
+
+CENTRE_DETECTIONS = ("contiguous", "symmetric")
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,20 +120,28 @@ def check_positive(cfg, keys: tuple[str, ...], minimum: int = 1) -> None:
             raise UserError(f"model.{key} = {value!r}; expected an integer >= {minimum}")
 
 
-def centre_columns(mask: Tensor, num_low_frequencies: LowFrequencies = None) -> Tensor:
+def centre_columns(
+    mask: Tensor, num_low_frequencies: LowFrequencies = None, symmetric: bool = False
+) -> Tensor:
     """(B, 1, 1, W, 1) 0/1 mask of the auto-calibration columns of each batch item.
 
     A given width n puts the block at columns [(W - n + 1) // 2, ... + n), the fastMRI mask
     functions' placement. Without one (None, or 0 for an item), the block is the run of sampled
-    columns containing column W // 2 (at least that column)."""
+    columns containing column W // 2 (at least that column), or with `symmetric` fastMRI's
+    `get_pad_and_num_low_freqs`: n = max(2 min(left, right), 1) placed as a given width."""
     sampled = mask[:, 0, 0, :, 0] != 0  # (B, W)
     width = sampled.shape[-1]
     centre = width // 2
     # Length of the unbroken sampled run from the centre rightwards / from centre-1 leftwards.
     right = torch.cumprod(sampled[:, centre:].to(torch.int64), dim=1).sum(dim=1)
     left = torch.cumprod(sampled[:, :centre].flip(1).to(torch.int64), dim=1).sum(dim=1)
-    start = torch.where(right > 0, centre - left, torch.full_like(left, centre))
-    stop = centre + right.clamp_min(1)
+    if symmetric:
+        detected = (2 * torch.minimum(left, right)).clamp_min(1)
+        start = torch.div(width - detected + 1, 2, rounding_mode="floor")
+        stop = start + detected
+    else:
+        start = torch.where(right > 0, centre - left, torch.full_like(left, centre))
+        stop = centre + right.clamp_min(1)
 
     if num_low_frequencies is not None:
         given = torch.as_tensor(num_low_frequencies, device=mask.device).to(torch.int64)
@@ -133,14 +159,15 @@ class SensitivityModel(nn.Module):
     """Coil sensitivity maps (B, C, H, W, 2) from the centre of the masked k-space, normalised to
     unit RSS over coils."""
 
-    def __init__(self, chans: int = 8, num_pools: int = 4):
+    def __init__(self, chans: int = 8, num_pools: int = 4, symmetric_centre: bool = False):
         super().__init__()
         self.norm_unet = NormUnet(chans, num_pools)
+        self.symmetric_centre = symmetric_centre
 
     def forward(
         self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
     ) -> Tensor:
-        centre = centre_columns(mask, num_low_frequencies).to(masked_kspace.dtype)
+        centre = centre_columns(mask, num_low_frequencies, self.symmetric_centre).to(masked_kspace.dtype)
         images = ifft2c(masked_kspace * centre)
         batch, coils, height, width, _ = images.shape
         # Every coil goes through the same U-Net, so the model works for any coil count.
@@ -212,11 +239,16 @@ class VarNet(KSpaceNetwork):
         sens_pools: int = 4,
         lska_kernel: int = 0,
         lska_levels: str = "bottleneck",
+        centre_detection: str = "contiguous",
     ):
         super().__init__()
+        if centre_detection not in CENTRE_DETECTIONS:
+            raise UserError(f"model.centre_detection = {centre_detection!r}; expected one of "
+                            f"{', '.join(CENTRE_DETECTIONS)}")
         attention = lska_attention(lska_kernel, lska_levels)
         self.notation = f"{num_cascades}/{chans}/{sens_chans}"  # cascades/chans/sens_chans
-        self.sens_net = SensitivityModel(sens_chans, sens_pools)
+        self.centre_detection = centre_detection  # the data reads it for file masks too
+        self.sens_net = SensitivityModel(sens_chans, sens_pools, centre_detection == "symmetric")
         self.cascades = nn.ModuleList(
             VarNetBlock(NormUnet(chans, pools, attention=attention, attention_levels=lska_levels))
             for _ in range(num_cascades)
@@ -245,12 +277,59 @@ class VarNet(KSpaceNetwork):
         return kspace
 
 
+# fastMRI's U-Net names -> podium's (models/unet.py): its ConvBlock is conv, norm, act, dropout,
+# conv, ... (convs at 0 and 4; podium's at 0 and 3), and its last up block is a Sequential of
+# the ConvBlock and the 1 x 1 head.
+_CONV = {"0": "0", "4": "3"}
+
+
+def _podium_unet_key(rest: str) -> str:
+    if m := re.fullmatch(r"down_sample_layers\.(\d+)\.layers\.([04])\.(\w+)", rest):
+        return f"down.{m[1]}.{_CONV[m[2]]}.{m[3]}"
+    if m := re.fullmatch(r"conv\.layers\.([04])\.(\w+)", rest):
+        return f"bottleneck.{_CONV[m[1]]}.{m[2]}"
+    if m := re.fullmatch(r"up_transpose_conv\.(\d+)\.layers\.0\.(\w+)", rest):
+        return f"upsample.{m[1]}.0.{m[2]}"
+    if m := re.fullmatch(r"up_conv\.(\d+)\.(?:0\.)?layers\.([04])\.(\w+)", rest):
+        return f"up.{m[1]}.{_CONV[m[2]]}.{m[3]}"
+    if m := re.fullmatch(r"up_conv\.\d+\.1\.(\w+)", rest):
+        return f"head.{m[1]}"
+    return rest
+
+
+def fastmri_varnet_state_dict(state: dict) -> dict:
+    """A fastMRI VarNet state dict (or its Lightning module's, keys `varnet.*`) with podium's
+    key names; a podium state dict is returned unchanged."""
+    state = {k[len("varnet."):] if k.startswith("varnet.") else k: v for k, v in state.items()}
+    if not any("down_sample_layers" in k or ".model.unet." in k for k in state):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        key = re.sub(r"^cascades\.(\d+)\.model\.", r"cascades.\1.regularizer.", key)
+        prefix, sep, rest = key.partition(".unet.")
+        renamed[prefix + sep + _podium_unet_key(rest) if sep else key] = value
+    return renamed
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    from podium.common.weights import load_state_dict_file
+
+    state = fastmri_varnet_state_dict(load_state_dict_file(Path(path)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise UserError(f"model.weights={path}: the weights do not fit this VarNet ({model.notation} "
+                        f"cascades/chans/sens_chans): {' '.join(first[1:3]).strip()[:400]} — set model.cascades, "
+                        "chans, sens_chans, pools and sens_pools as in the file.") from None
+
+
 @register("model", "varnet", schema=VarNetConfig)
 def varnet(cfg, **context) -> VarNet:
     """E2E-VarNet (Sriram et al. 2020), optional LSKA in the cascade U-Nets."""
     check_positive(cfg, ("chans", "sens_chans"))
     check_positive(cfg, ("cascades", "pools", "sens_pools"), minimum=0)
-    return VarNet(
+    model = VarNet(
         num_cascades=cfg.cascades,
         chans=cfg.chans,
         pools=cfg.pools,
@@ -258,4 +337,8 @@ def varnet(cfg, **context) -> VarNet:
         sens_pools=cfg.sens_pools,
         lska_kernel=cfg.lska_kernel,
         lska_levels=cfg.lska_levels,
+        centre_detection=cfg.get("centre_detection", "contiguous"),
     )
+    if cfg.get("weights"):
+        load_weights(model, cfg.weights)
+    return model
