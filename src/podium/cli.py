@@ -303,6 +303,9 @@ def serve(
     max_request_mb: float = typer.Option(10.0, help="Largest request body, MiB."),
     checkpoint: str = typer.Option("best", help="best | last | a path to a .pt file"),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads of the backend."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels",
+                                             help="Largest image accepted, in pixels, checked before decoding "
+                                                  "(default: 64x the model's input area, at least 4 M)."),
 ):
     """Serve a run over HTTP (LitServe): POST /predict with an image, GET /health, GET /info.
 
@@ -314,7 +317,7 @@ def serve(
 
     config = ServeConfig(backend=backend, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          host=host, port=port, max_request_bytes=int(max_request_mb * 2**20),
-                         checkpoint=checkpoint, threads=threads)
+                         checkpoint=checkpoint, threads=threads, max_pixels=max_pixels)
     run_server(existing_run_dir(run_dir), config)
 
 

@@ -19,7 +19,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from podium.engine import registry
@@ -38,6 +38,42 @@ CHOICES = {
     "tracking.backend": ("mlflow", "none"),
     "trainer.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),
     "trainer.precision": ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+}
+
+# Numbers with a valid interval, checked beside CHOICES: a batch size of 0 or a negative epoch
+# count would otherwise fail deep inside torch or Lightning with a traceback (exit 1) after the
+# run folder is made. ">= 0" where 0 means "off" / "same as" in the schema's comments.
+RANGES = {
+    "trainer.num_nodes": ">= 1",
+    "trainer.max_epochs": ">= 0",  # 0: no training, only the final evaluation of the initial model
+    "trainer.max_steps": ">= 0",
+    "trainer.val_every_n_epochs": ">= 1",
+    "trainer.val_every_n_steps": ">= 0",
+    "trainer.accumulate_grad_batches": ">= 1",
+    "trainer.grad_clip_norm": ">= 0",
+    "trainer.checkpoint_every_n_steps": ">= 0",
+    "trainer.checkpoint_every_minutes": ">= 0",
+    "trainer.log_every_n_steps": ">= 1",
+    "trainer.batch_size": ">= 1",
+    "trainer.eval_batch_size": ">= 0",
+    "trainer.num_workers": ">= -1",
+    "trainer.cpu_threads": ">= -1",
+    "trainer.prefetch_factor": ">= 1",
+    "trainer.data_wait_warn": ">= 0",
+    "trainer.ema.decay": "[0, 1)",
+    "trainer.early_stopping.patience": ">= 0",
+    "trainer.early_stopping.min_delta": ">= 0",
+    "optim.lr": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.momentum": "[0, 1)",
+    "optim.betas": "[0, 1)",  # each of the two
+    "optim.eps": ">= 0",
+    "sched.warmup_steps": ">= 0",
+    "sched.warmup_epochs": ">= 0",
+    "sched.min_lr_ratio": "[0, 1]",
+    "sched.gamma": "> 0",
+    "sched.step_size": ">= 1",
+    "tracking.timeout_s": "> 0",
 }
 
 
@@ -184,8 +220,61 @@ def validate(cfg: DictConfig) -> DictConfig:
         value = OmegaConf.select(result, dotted)
         if value is not None and str(value) not in choices:
             raise UserError(f"{dotted}={value!r} is not valid. Valid choices: {', '.join(choices)}.")
+    for dotted, rule in RANGES.items():
+        _check_range(dotted, OmegaConf.select(result, dotted), rule)
     OmegaConf.set_struct(result, True)
     return result
+
+
+_BOUND = re.compile(r"^(>=|>) (-?[\d.]+)$")
+_INTERVAL = re.compile(r"^([\[(])(-?[\d.]+), (-?[\d.]+)([\])])$")
+
+
+def _in_range(value: float, rule: str) -> bool:
+    """`rule` is ">= 1", "> 0" or an interval such as "[0, 1)"."""
+    bound = _BOUND.match(rule)
+    if bound:
+        op, low = bound.group(1), float(bound.group(2))
+        return value >= low if op == ">=" else value > low
+    left, low, high, right = _INTERVAL.match(rule).groups()
+    low, high = float(low), float(high)
+    return (value >= low if left == "[" else value > low) and (value <= high if right == "]" else value < high)
+
+
+def _check_range(dotted: str, value, rule: str) -> None:
+    if value is None:
+        return
+    values = list(value) if isinstance(value, ListConfig) else [value]
+    if dotted == "optim.betas" and len(values) != 2:
+        raise UserError(f"optim.betas={list(values)!r} is not valid: expected two values in {rule}.")
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not _in_range(item, rule):
+            valid = f"in {rule}" if rule[0] in "[(" else rule
+            shown = list(values) if len(values) > 1 or isinstance(value, ListConfig) else value
+            raise UserError(f"{dotted}={shown!r} is out of range: it must be {valid}.")
+
+
+def _read_run_config(path: Path) -> DictConfig:
+    """A run's config.yaml as a DictConfig; a file that is not a YAML mapping (a half-copied or
+    hand-edited file) is a UserError naming it. The mapping check goes first because OmegaConf
+    reads a bare word as a key ("just text" -> {"just text": None}) and a list as a ListConfig."""
+    broken = f"{path} is not a valid run config"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        raise UserError(f"{broken}: invalid YAML{at}: {getattr(err, 'problem', None) or err} "
+                        f"(the run's checkpoints hold a copy under their 'config' key).") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{broken}: cannot read it ({err}).") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{broken}: expected a mapping of config groups (task, data, model, ...), "
+                        f"got {'an empty file' if raw is None else type(raw).__name__}.")
+    try:
+        return OmegaConf.load(path)  # OmegaConf's own YAML rules (e.g. 1e-3 is a float)
+    except Exception as err:  # noqa: BLE001 - e.g. a non-string key OmegaConf refuses
+        raise UserError(f"{broken}: {str(err).splitlines()[0]}") from None
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictConfig:
@@ -193,7 +282,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictCo
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a podium run folder (no config.yaml inside).")
-    cfg = OmegaConf.load(path)
+    cfg = _read_run_config(path)
     if overrides:
         for item in overrides:
             if "=" not in item:
@@ -205,4 +294,8 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictCo
                 keys = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
                 raise UserError(f"unknown config key '{key}'. Valid keys of {parent or 'the config'}: {keys}.")
             OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
-    return validate(cfg)
+    try:
+        return validate(cfg)
+    except UserError as err:  # say which file (and overrides) the bad key came from
+        source = f"{path} with overrides {' '.join(overrides)}" if overrides else str(path)
+        raise UserError(f"{source}: {err}") from None

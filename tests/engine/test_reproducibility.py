@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import numpy as np
 import torch
@@ -101,3 +102,11 @@ def test_environment_info_keys(tmp_path):
     write_environment(path, ["cpu"])
     written = json.loads(path.read_text())
     assert written["packages"]["torch"] == info["packages"]["torch"]
+
+
+def test_environment_json_redacts_passwords_in_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["podium", "train", "tracking.uri=https://alice:s3cret@mlflow.example:5000"])
+    write_environment(tmp_path / "environment.json", ["cpu"])
+    text = (tmp_path / "environment.json").read_text()
+    assert "s3cret" not in text
+    assert json.loads(text)["argv"][-1] == "tracking.uri=https://alice:***@mlflow.example:5000"

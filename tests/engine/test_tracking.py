@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -200,3 +201,63 @@ def test_server_that_passes_health_but_fails_api_disables_quickly(tmp_path, monk
         assert time.monotonic() - start < 10
     finally:
         server.shutdown()
+
+
+TELEMETRY_CHILD = """
+import os, sys
+import mlflow.telemetry as telemetry  # imported first, telemetry on: as a test module's importorskip did
+if telemetry.get_telemetry_client() is None:
+    print("telemetry-off-already")
+    sys.exit(0)
+assert "_MLFLOW_TELEMETRY_SESSION_ID" in os.environ
+from podium.engine.schema import TrackingConfig
+from podium.engine.tracking import Tracker
+root = sys.argv[1]
+tracker = Tracker(TrackingConfig(), run_dir=root + "/runs/r", runs_root=root + "/runs", experiment="e",
+                  run_name="r")
+assert tracker.active
+print(telemetry.get_telemetry_client() is None, "_MLFLOW_TELEMETRY_SESSION_ID" in os.environ)
+"""
+
+
+def test_tracking_stops_mlflow_telemetry_that_an_earlier_import_started(tmp_path):
+    """The flaky `podium ui` test: mlflow imported at collection (no CI variable, no
+    PYTEST_CURRENT_TEST yet) started its telemetry, whose thread later deleted
+    _MLFLOW_TELEMETRY_SESSION_ID from os.environ while requests iterated it (KeyError in
+    runs/create). podium's tracker must leave no telemetry client and no such variable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / ".config"))  # mlflow's installation id file
+    out = subprocess.run([sys.executable, "-c", TELEMETRY_CHILD, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.strip() == "telemetry-off-already":
+        pytest.skip("this environment turns MLflow telemetry off by itself (a CI variable)")
+    assert out.stdout.split()[-2:] == ["True", "False"]
+
+
+def test_ui_command_turns_telemetry_off_for_the_server(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    ui_command(tmp_path)
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"  # the subprocess inherits it
+
+
+def test_no_password_or_absolute_path_reaches_mlflow_or_disk(tmp_path):
+    from mlflow import MlflowClient
+    from rich.console import Console
+
+    tracker = make_tracker(tmp_path)
+    tracker.log_params({"tracking": {"uri": "https://alice:s3cret@mlflow.example"}})
+    tracker.finish()
+    run = MlflowClient(tracking_uri=sqlite_uri(tmp_path / "runs")).get_run(tracker.run_id)
+    assert run.data.params["tracking.uri"] == "https://alice:***@mlflow.example"
+    assert run.data.tags["podium.run_dir"] == "run1"  # relative to the runs root, not /home/...
+
+    tracker._save_state("https://alice:s3cret@mlflow.example", "abc", "0")
+    assert "s3cret" not in (tmp_path / "runs" / "run1" / "tracking.json").read_text()
+
+    console = Console(record=True, width=300)
+    make_tracker(tmp_path, TrackingConfig(uri="http://alice:s3cret@127.0.0.1:9", timeout_s=0.5), run="r2",
+                 console=console)
+    text = console.export_text()
+    assert "tracking disabled" in text and "s3cret" not in text and "alice:***@127.0.0.1:9" in text

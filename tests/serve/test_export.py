@@ -76,7 +76,7 @@ def test_onnx_matches_pytorch_on_real_images_at_any_batch_size(exports, served, 
 
 
 def test_torchscript_matches_pytorch(exports, served, val_batch):
-    assert sorted(p.name for p in exports["torchscript"].iterdir()) == ["model.pt", "preprocess.json"]
+    assert sorted(p.name for p in exports["torchscript"].iterdir()) == [ex.MARKER_FILE, "model.pt", "preprocess.json"]
     for rows in (1, 5):
         assert parity(exports["torchscript"], val_batch[:rows], module=served[1])["max_abs"] < 1e-5
     scripted = ex.load_torchscript(exports["torchscript"])
@@ -94,7 +94,8 @@ def test_triton_repository_layout_and_config(run_dir, exports, served, val_batch
     repo = exports["triton"].parent
     assert exports["triton"] == repo / "digits_run_1"
     files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
-    assert files == ["digits_run_1/1/model.onnx", "digits_run_1/config.pbtxt", "digits_run_1/preprocess.json"]
+    assert files == ["digits_run_1/.podium-export.json", "digits_run_1/1/model.onnx", "digits_run_1/config.pbtxt",
+                     "digits_run_1/preprocess.json"]
     text = (exports["triton"] / "config.pbtxt").read_text()
     assert re.search(r'^name: "digits_run_1"$', text, re.MULTILINE)
     assert re.search(r'^platform: "onnxruntime_onnx"$', text, re.MULTILINE)
@@ -149,7 +150,9 @@ def test_preprocess_json_lets_a_client_reproduce_the_model_input(run_dir, export
     assert spec["task"] == "classification" and spec["output"]["classes"] == [str(d) for d in range(10)]
     (normalize,) = [s for s in spec["preprocess"] if s["op"] == "normalize"]
     assert normalize["mean"] == [0.5] * 3 and normalize["std"] == [0.5] * 3
-    assert spec["checkpoint"] == "best" and spec["exported_from"] == str(run_dir.resolve())
+    # names, not the exporting machine's folders (the run lies outside the cwd: its name only)
+    assert spec["checkpoint"] == "best" and spec["run"] == spec["exported_from"] == "Digits-Run.1"
+    assert str(run_dir.parent) not in (exports["onnx"] / "preprocess.json").read_text()
     assert spec["input_name"] == "image" and spec["output_name"] == "probabilities" and spec["podium_version"]
 
     # The real 8 x 8 digits as grayscale PNG uploads, enlarged to 16 x 16: PIL's bilinear resize
@@ -197,9 +200,16 @@ def test_mistakes_raise_user_error(run_dir, tmp_path):
     (taken / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         export_run(run_dir, "onnx", taken)
+    # --overwrite replaces only a previous export: a folder of someone else's files stays as it is
+    with pytest.raises(UserError, match=f"{taken} is not a podium export"):
+        export_run(run_dir, "torchscript", taken, overwrite=True)
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
-    export_run(run_dir, "torchscript", taken, overwrite=True)
-    assert sorted(p.name for p in taken.iterdir()) == ["model.pt", "preprocess.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_run(run_dir, "torchscript", empty, overwrite=True)
+    assert sorted(p.name for p in empty.iterdir()) == [".podium-export.json", "model.pt", "preprocess.json"]
+    export_run(run_dir, "onnx", empty, overwrite=True)  # a previous export is replaced
+    assert sorted(p.name for p in empty.iterdir()) == [".podium-export.json", "model.onnx", "preprocess.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
@@ -226,9 +236,10 @@ def test_an_export_that_fails_leaves_the_old_folder_untouched(run_dir, tmp_path,
     assert not out.exists()
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / ex.MARKER_FILE).write_text("{}")  # a previous export: overwrite may replace it
     with pytest.raises(error):
         export_run(run_dir, fmt, out, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [ex.MARKER_FILE, "keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -248,3 +259,38 @@ def test_cli_export_and_its_errors(run_dir, tmp_path):
                           "--out", str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "tflite" in bad.stdout + bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("max_batch_size, preferred", [(1, [1]), (2, [1, 2]), (4, [2, 4]), (8, [4, 8]),
+                                                       (16, [8, 16])])
+def test_triton_preferred_batch_sizes_follow_max_batch_size(max_batch_size, preferred):
+    """`podium export --format triton --max-batch-size N` failed for N < 8 with the fixed [4, 8]."""
+    assert ex.default_preferred_batch_sizes(max_batch_size) == preferred
+    ex._check_triton_options("m", max_batch_size, preferred, 5000, 1, "cpu")
+
+
+def test_cli_triton_export_with_a_small_max_batch_size(run_dir, tmp_path):
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "triton", "--out", str(tmp_path),
+                                      "--max-batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "digits_run_1" / "config.pbtxt").read_text()
+    assert "max_batch_size: 2" in text and "preferred_batch_size: [ 1, 2 ]" in text
+
+
+def test_cli_overwrite_refuses_a_folder_that_is_not_an_export(run_dir, tmp_path):
+    """`--overwrite` once deleted a projects folder with other runs in it (exit 0)."""
+    projects = tmp_path / "projects"
+    (projects / "other-run").mkdir(parents=True)
+    (projects / "other-run" / "metrics.json").write_text("{}")
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(projects), "--overwrite"])
+    message = "".join(result.output.replace("│", " ").split())  # rich wraps long paths
+    assert result.exit_code == 2 and "notapodiumexport" in message and str(projects).replace(" ", "") in message
+    assert (projects / "other-run" / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projects"]
+
+    previous = tmp_path / "exported"
+    assert CliRunner().invoke(app, ["export", str(run_dir), "--out", str(previous)]).exit_code == 0
+    again = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(previous), "--format", "torchscript",
+                                     "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert (previous / "model.pt").is_file() and not (previous / "model.onnx").exists()

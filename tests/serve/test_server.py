@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import csv
 import io
+import json
 import os
 import random
 import time
@@ -19,18 +20,22 @@ import time
 import numpy as np
 import pytest
 import requests
+import torch
 from fastapi import HTTPException
 from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
 from podium.cli import app
+from podium.common.images import decode_image_bytes
 from podium.errors import UserError
 from podium.serve.server import (
     RequestReader,
     ServeConfig,
     ServerProcess,
     build_server,
+    default_max_pixels,
+    draft_size,
     free_port,
     task_for_run,
 )
@@ -239,10 +244,81 @@ def test_reader_json_statuses(reader, body, status):
 def test_reader_refuses_too_many_pixels(reader):
     with pytest.raises(HTTPException) as err:
         reader.from_bytes(encode(np.zeros((101, 100), np.uint8)))
-    assert err.value.status_code == 422 and "exceeds" in err.value.detail
+    assert err.value.status_code == 413 and "exceeds" in err.value.detail and "--max-pixels" in err.value.detail
     with pytest.raises(HTTPException) as err:
         reader.from_bytes(b"definitely not an image")
     assert err.value.status_code == 422 and "BytesIO" not in err.value.detail
+
+
+def test_an_oversized_png_is_refused_from_its_header_without_decoding(run_dir, monkeypatch):
+    """A 7000 x 7000 PNG of a few dozen KB cost 560 MB per request on a 16 x 16 model."""
+    from podium.common import images as image_module
+
+    task = task_for_run(run_dir)
+    reader = RequestReader(task, channels=3, max_pixels=default_max_pixels(task.serving_spec()))
+    png = encode(np.zeros((7000, 7000), np.uint8))
+    assert len(png) < 200_000
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(image_module, "_decode", no_decoding)
+    with pytest.raises(HTTPException) as err:
+        reader.from_bytes(png)
+    assert err.value.status_code == 413 and "7000 x 7000" in err.value.detail
+
+
+def test_default_max_pixels_follows_the_model_input(run_dir):
+    assert ServeConfig().max_pixels is None  # derived when the server is built
+    assert default_max_pixels({"input": {"height": 16, "width": 16}}) == 4 * 1024 * 1024  # the floor
+    assert default_max_pixels({"input": {"height": 512, "width": 1024}}) == 64 * 512 * 1024
+    assert default_max_pixels({"input": {"kind": "kspace"}}) == 50_000_000  # no size to derive it from
+    spec = task_for_run(run_dir).serving_spec()
+    assert draft_size(spec) == 32  # classification resizes to 16 x 16: a JPEG may decode down to 32
+    assert draft_size({"preprocess": [{"op": "decode"}, {"op": "letterbox", "size": [64, 64]}]}) is None
+
+
+def test_a_large_jpeg_is_decoded_in_draft_mode(run_dir, monkeypatch):
+    import podium.serve.server as server_module
+
+    task = task_for_run(run_dir)
+    reader = RequestReader(task, channels=3, draft=draft_size(task.serving_spec()))
+    shapes = []
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(decode_image_bytes(*args, **kwargs).shape))
+        return decode_image_bytes(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "decode_image_bytes", spy)
+    photo = np.random.default_rng(0).integers(0, 256, (1024, 1280, 3), dtype=np.uint8)
+    prepared = reader.from_bytes(encode(photo, "JPEG"))
+    assert shapes == [(3, 128, 160)]  # 1/8 scale: still >= 32 on each side
+    assert prepared.image.shape == (3, 16, 16)
+    reader.from_bytes(encode(photo, "PNG"))  # PNG has no reduced decode
+    assert shapes[-1] == (3, 1024, 1280)
+
+
+def test_a_checkpoint_the_server_cannot_load_is_a_user_error_naming_it(run_dir, tmp_path):
+    """`podium serve RUN --checkpoint corrupt.pt` ended in a traceback (exit 1) from the worker."""
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint" * 20)
+    with pytest.raises(UserError, match=f"checkpoint {corrupt}"):
+        build_server(run_dir, ServeConfig(checkpoint=str(corrupt)))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {"other.weight": torch.zeros(2, 2)}}, foreign)
+    for backend in ("onnxruntime", "torch"):
+        with pytest.raises(UserError, match=f"checkpoint {foreign} does not fit"):
+            build_server(run_dir, ServeConfig(checkpoint=str(foreign), backend=backend))
+    result = CliRunner().invoke(app, ["serve", str(run_dir), "--checkpoint", str(corrupt)])
+    assert result.exit_code == 2 and "corrupt.pt" in result.output
+
+
+def test_info_names_the_run_not_its_path(run_dir):
+    server = build_server(run_dir, ServeConfig(checkpoint=str(run_dir / "checkpoints" / "best.pt")))
+    assert server.app.state.podium_reader.max_pixels == 4 * 1024 * 1024
+    metadata = json.dumps(server.model_metadata)
+    assert str(run_dir.parent) not in metadata
+    assert server.model_metadata["run"] == "run" and server.model_metadata["config"]["checkpoint"] == "best.pt"
 
 
 def test_bad_config_and_bad_run_dir_are_user_errors(tmp_path, run_dir):

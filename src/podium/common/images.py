@@ -27,9 +27,13 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def _decode(path, channels: int) -> Image.Image:
-    """`path`: a file path or a binary file object (an uploaded image)."""
+def _decode(path, channels: int, draft: int | None = None) -> Image.Image:
+    """`path`: a file path or a binary file object (an uploaded image). `draft`: let a JPEG decode
+    at 1/2, 1/4 or 1/8 scale (in the DCT, without ever holding the full image) as long as both
+    sides stay >= `draft` pixels."""
     with Image.open(path) as img:
+        if draft and img.format == "JPEG":
+            img.draft("L" if channels == 1 else "RGB", (draft, draft))
         img = ImageOps.exif_transpose(img)  # phone photos: honour the orientation tag
         if img.mode in ("I", "F") or img.mode.startswith("I;16"):
             img = _to_8bit(img)
@@ -46,23 +50,40 @@ def _decode(path, channels: int) -> Image.Image:
 def load_image(path: str | os.PathLike, channels: int) -> tv_tensors.Image:
     """Decode an image file into a uint8 `channels` x H x W `tv_tensors.Image`.
 
-    Raises UserError("<path>: cannot read image: <reason>") for a missing or corrupt file.
+    Raises UserError("<path>: cannot read image: <reason>. <what is read>") for a missing,
+    corrupt or non-image file.
     """
     path = Path(path)
     try:
         img = _decode(path, channels)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        reason = str(e) or type(e).__name__
-        raise UserError(f"{path}: cannot read image: {reason}") from None
+        raise unreadable_image(path, str(e) or type(e).__name__) from None
     return tv_tensors.Image(TF.pil_to_tensor(img))
 
 
+# What the image families (classification, segmentation, landmarks) read, named in every
+# "cannot read" message: a user who passed an array file learns what to give instead.
+IMAGE_FORMATS = "an image file Pillow decodes (PNG, JPEG, TIFF, BMP, GIF, WebP)"
+ARRAY_SUFFIXES = (".npy", ".npz", ".h5", ".hdf5", ".mat", ".pt", ".pkl")
 
 
-def decode_image_bytes(data: bytes, channels: int, name: str = "request", max_pixels: int = 50_000_000) -> torch.Tensor:
+def unreadable_image(path: Path, reason: str) -> UserError:
+    """The UserError for a file that is not a readable image, naming it and the formats read."""
+    path = Path(path)
+    if path.suffix.lower() in ARRAY_SUFFIXES and path.is_file():
+        return UserError(f"{path}: cannot read image: {path.suffix} array files are not read by this task; "
+                         f"it reads {IMAGE_FORMATS} (save the array as a PNG or TIFF image).")
+    return UserError(f"{path}: cannot read image: {reason}. Expected {IMAGE_FORMATS}.")
+
+
+
+
+def decode_image_bytes(data: bytes, channels: int, name: str = "request", max_pixels: int = 50_000_000,
+                       draft: int | None = None) -> torch.Tensor:
     """Decode encoded image bytes (an upload) exactly as `load_image` decodes a file: a uint8
     `channels` x H x W tensor. Non-image bytes, a truncated file or an image larger than
-    `max_pixels` (a decompression bomb) raise UserError naming `name`."""
+    `max_pixels` (a decompression bomb; checked on the header, before decoding) raise UserError
+    naming `name`. `draft`: see `_decode` (a reduced JPEG decode; the result is smaller)."""
     import io
 
     try:
@@ -70,7 +91,7 @@ def decode_image_bytes(data: bytes, channels: int, name: str = "request", max_pi
             width, height = probe.size
         if width * height > max_pixels:
             raise UserError(f"{name}: image of {width} x {height} pixels exceeds the limit of {max_pixels}.")
-        img = _decode(io.BytesIO(data), channels)
+        img = _decode(io.BytesIO(data), channels, draft)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes

@@ -40,7 +40,7 @@ def check_timm_name(key: str, name: str) -> str:
 def _load_file(key: str, path: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"model.{key}={path}: file does not exist.")
-    return load_state_dict_file(Path(path))
+    return load_state_dict_file(Path(path), f"model.{key}")
 
 
 def _normalise(key: str) -> str:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from podium.common.redact import redact
+
 PACKAGES = (
     "podium", "torch", "torchvision", "lightning", "timm", "hydra-core", "omegaconf", "mlflow",
     "numpy", "scikit-learn", "Pillow", "segmentation-models-pytorch", "monai", "onnxruntime",
@@ -114,7 +116,7 @@ def environment_info(devices: list[str] | None = None) -> dict:
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "argv": sys.argv,
+        "argv": redact(sys.argv),  # tracking.uri=https://user:password@... must not land on disk
         "git": _git_commit(source_dir) | {"cwd": _git_commit(Path.cwd())["commit"]},
         "packages": versions,
         "torch_build": {

@@ -59,7 +59,19 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def run_summary(path: Path) -> dict:
+    """{"run", "status", "metrics"}; a metrics.json that is not a JSON object of metrics (a
+    half-written or hand-edited file) gives status "unreadable metrics" and a "problem" naming
+    the file, so one broken run never hides the others from `podium runs`."""
     metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    metrics, problem = {}, None
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(metrics_file.read_text())
+            if not isinstance(metrics, dict):
+                problem = f"{metrics_file}: expected a JSON object of metrics, got {type(metrics).__name__}"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            problem = f"{metrics_file}: not valid JSON ({err})"
+    if problem:
+        return {"run": str(path), "status": "unreadable metrics", "metrics": {}, "problem": problem}
     status = "finished" if metrics else ("resumable" if (path / "checkpoints/last.pt").is_file() else "incomplete")
     return {"run": str(path), "status": status, "metrics": metrics}

@@ -14,6 +14,18 @@ Where runs go:
 
 The MLflow run id is kept in `<run_dir>/tracking.json`, so resuming a run continues the same MLflow
 run. `mlflow` is imported lazily: importing this module stays cheap (`podium --help`, workers).
+
+What podium sends and writes carries no secrets and no machine layout: a password in the URI
+(`https://user:password@host`) is redacted in params, tracking.json and messages
+(`podium.common.redact`); the run's tag is its folder relative to the runs root, not an absolute
+path.
+
+MLflow's own usage telemetry is switched off (MLFLOW_DISABLE_TELEMETRY, unless the user set it):
+besides reaching the internet, its client writes `_MLFLOW_TELEMETRY_SESSION_ID` into os.environ
+on import and deletes it from a background thread when its config fetch fails; a request that
+reads os.environ at that moment (requests' proxy lookup iterates it) failed with
+KeyError('_MLFLOW_TELEMETRY_SESSION_ID'). `disable_mlflow_telemetry` also stops a client that an
+earlier `import mlflow` (by the user, or a test module) already started.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from podium.common.redact import redact_text
 
 TRACKING_FILE = "tracking.json"
 DB_NAME = "mlflow.db"
@@ -57,8 +71,19 @@ def artifact_root(runs_root: Path) -> Path:
     return Path(runs_root).resolve() / ARTIFACTS_DIR
 
 
+def disable_mlflow_telemetry() -> None:
+    """Switch MLflow's usage telemetry off for this process and its children (see the module
+    docstring); a user's explicit MLFLOW_DISABLE_TELEMETRY wins."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    telemetry = sys.modules.get("mlflow.telemetry")
+    if telemetry is not None and telemetry.get_telemetry_client() is not None:
+        telemetry.set_telemetry_client()  # re-reads the variable: drops the client, unsets the id
+
+
 def ui_command(runs_root: Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
-    """The argv that starts the MLflow UI on the embedded store under `runs_root`."""
+    """The argv that starts the MLflow UI on the embedded store under `runs_root`; the server it
+    starts inherits MLflow's telemetry switched off (`disable_mlflow_telemetry`)."""
+    disable_mlflow_telemetry()
     # Prefer the `mlflow` script of this interpreter's environment, so `podium ui` works from a
     # virtual environment that is not activated (its bin/ is not on PATH then).
     script = Path(sys.executable).parent / ("mlflow.exe" if os.name == "nt" else "mlflow")
@@ -187,7 +212,9 @@ class Tracker:
                 logging.getLogger(name).setLevel(logging.WARNING)
         self.tracking_uri = uri
 
+        disable_mlflow_telemetry()  # before the import: mlflow starts its telemetry on import
         from mlflow import MlflowClient  # lazy: mlflow takes seconds to import
+        disable_mlflow_telemetry()  # mlflow imported earlier by someone else
 
         # An explicit client (not the fluent mlflow.* API with its global active run), so that
         # two trackers in one process, or a user's own mlflow calls, don't interfere.
@@ -198,12 +225,20 @@ class Tracker:
             run = self._client.create_run(
                 experiment_id,
                 run_name=run_name,
-                tags={"podium.run_dir": str(self.run_dir.resolve())},
+                tags={"podium.run_dir": self._run_label()},
             )
             run_id = run.info.run_id
             self._save_state(uri, run_id, experiment_id)
         self.run_id = run_id
         self._active = True
+
+    def _run_label(self) -> str:
+        """The run folder relative to the runs root (its name when it lies elsewhere): an absolute
+        path would publish the machine's layout to everyone who reads the tracking server."""
+        try:
+            return self.run_dir.resolve().relative_to(self.runs_root.resolve()).as_posix()
+        except ValueError:
+            return self.run_dir.resolve().name
 
     def _server_reachable(self, uri: str, timeout_s: float) -> bool:
         url = uri.rstrip("/") + "/health"
@@ -245,7 +280,7 @@ class Tracker:
         except (OSError, ValueError):
             return None
         run_id = state.get("run_id") if isinstance(state, dict) else None
-        if not run_id or state.get("tracking_uri") != uri:
+        if not run_id or state.get("tracking_uri") != redact_text(uri):
             return None  # another store: that run isn't there, start a new one
         try:
             run = self._client.get_run(run_id)
@@ -262,7 +297,7 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "backend": "mlflow",
-            "tracking_uri": uri,
+            "tracking_uri": redact_text(uri),  # compared redacted on resume
             "experiment": self.experiment_name,
             "experiment_id": experiment_id,
             "run_id": run_id,
@@ -279,7 +314,7 @@ class Tracker:
         self._warned = True
         detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
         detail = detail if len(detail) < 500 else detail[:500] + "..."
-        message = (
+        message = redact_text(
             f"MLflow tracking disabled - {reason}{detail}. Training continues; metrics and "
             f"checkpoints are still written as local files in {self.run_dir}."
         )
@@ -305,7 +340,7 @@ class Tracker:
         try:
             from mlflow.entities import Param
 
-            flat = flatten_params(params)
+            flat = {k: redact_text(v) for k, v in flatten_params(params).items()}
             new = {k: v for k, v in flat.items() if k not in self._logged_params}
             items = [Param(k, v) for k, v in new.items()]
             for start in range(0, len(items), MAX_PARAMS_PER_BATCH):

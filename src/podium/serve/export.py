@@ -29,7 +29,12 @@ Triton model repository (reference.md "Serving"; Triton's model-configuration do
 
 OUT may already hold other models; only `<model_name>/` is written. Every export is built in a
 temporary folder beside its target and renamed into place at the end, so a failed export
-leaves nothing behind.
+leaves nothing behind. Each export folder holds a marker, `.podium-export.json`: `overwrite`
+replaces only a folder that has it (or an empty one), never a folder someone else filled.
+
+Triton's preferred batch sizes default to [max_batch_size // 2, max_batch_size] ([4, 8] for the
+default 8, [1] for 1): the full batch the scheduler waits for, and half of it, which it takes
+rather than waiting out the queue delay under moderate load.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ FORMATS = ("onnx", "torchscript", "triton")
 INSTANCE_KINDS = ("cpu", "gpu")
 MIN_OPSET = 13  # Softmax/ReduceX over one axis and dynamic shapes as every current runtime reads them
 SPEC_FILE = "preprocess.json"
+MARKER_FILE = ".podium-export.json"  # what `overwrite` looks for before it replaces a folder
 
 
 # ---- loading the run ------------------------------------------------------------------------
@@ -167,6 +173,11 @@ def triton_model_name(run_dir) -> str:
     return name or "model"
 
 
+def default_preferred_batch_sizes(max_batch_size: int) -> list[int]:
+    """[max_batch_size // 2, max_batch_size] without zero or duplicates: [1], [1, 2], [2, 4], [4, 8]."""
+    return sorted({max(1, max_batch_size // 2), max_batch_size})
+
+
 def _check_triton_options(model_name, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances,
                           instance_kind) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", model_name):
@@ -189,9 +200,15 @@ def _check_triton_options(model_name, max_batch_size, preferred_batch_sizes, max
 def _check_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise UserError(f"{target} is a file; the export needs a folder there.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
         raise UserError(f"{target} is not empty; choose another folder or pass overwrite=True "
-                        f"(--overwrite) to replace it.")
+                        f"(--overwrite) to replace a previous export there.")
+    if not (target / MARKER_FILE).is_file():
+        # --overwrite once deleted a projects folder given by mistake: replace only our own output.
+        raise UserError(f"{target} is not a podium export (it has no {MARKER_FILE}); --overwrite replaces "
+                        f"only a previous export, so nothing was changed. Choose another folder.")
 
 
 @contextmanager
@@ -224,11 +241,12 @@ def _atomic_folder(target: Path, overwrite: bool):
 
 
 def export_run(run_dir, fmt: str, out_dir, checkpoint: str = "best", opset: int = 17, batch_size_hint: int = 4,
-               max_batch_size: int = 8, preferred_batch_sizes=(4, 8), max_queue_delay_us: int = 5000,
+               max_batch_size: int = 8, preferred_batch_sizes=None, max_queue_delay_us: int = 5000,
                instances: int = 1, model_name: str | None = None, instance_kind: str = "cpu",
                overwrite: bool = False, console=None) -> Path:
     """Export a run; return the folder holding the model and preprocess.json (`out_dir`, or
-    `out_dir/<model_name>` for Triton)."""
+    `out_dir/<model_name>` for Triton). `preferred_batch_sizes` None: derived from
+    `max_batch_size` (see `default_preferred_batch_sizes`)."""
     from podium import __version__
 
     if fmt not in FORMATS:
@@ -243,7 +261,8 @@ def export_run(run_dir, fmt: str, out_dir, checkpoint: str = "best", opset: int 
     target = out_dir
     if fmt == "triton":
         model_name = model_name or triton_model_name(run_dir)
-        preferred_batch_sizes = [int(b) for b in preferred_batch_sizes]
+        preferred_batch_sizes = ([int(b) for b in preferred_batch_sizes] if preferred_batch_sizes is not None
+                                 else default_preferred_batch_sizes(int(max_batch_size)))
         _check_triton_options(model_name, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances,
                               instance_kind)
         target = out_dir / model_name
@@ -272,12 +291,27 @@ def export_run(run_dir, fmt: str, out_dir, checkpoint: str = "best", opset: int 
             (tmp / "config.pbtxt").write_text(triton_config(
                 model_name, input_name, batch.shape[1:], output_name, output_dims, max_batch_size,
                 preferred_batch_sizes, max_queue_delay_us, instances, instance_kind))
-        info = {**spec, "format": fmt, "opset": written_opset, "checkpoint": checkpoint,
-                "podium_version": __version__, "exported_from": str(run_dir.resolve()),
-                "input_name": input_name, "output_name": output_name}
+        info = {**spec, "format": fmt, "opset": written_opset, "checkpoint": portable_path(checkpoint),
+                "podium_version": __version__, "run": run_dir.resolve().name,
+                "exported_from": portable_path(run_dir), "input_name": input_name, "output_name": output_name}
         (tmp / SPEC_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / MARKER_FILE).write_text(json.dumps({"format": fmt, "run": info["run"],
+                                                   "podium_version": __version__}) + "\n")
         _verify(tmp, module, example, batch_size_hint)
     return target
+
+
+def portable_path(path) -> str:
+    """A path fit to publish (preprocess.json, /info): relative to the cwd when it lies below it,
+    else its last component; an absolute path would show user and machine layout to clients.
+    Names like "best" pass through."""
+    path = Path(path)
+    if not path.is_absolute() and ".." not in path.parts:
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _verify(folder: Path, module, example: torch.Tensor, batch_size_hint: int) -> None:
@@ -323,8 +357,8 @@ def read_spec(path) -> dict:
 
 
 def load_onnx_session(path, threads: int | None = None):
-    """An ONNX Runtime CPU session for an exported model file or folder; `threads` sets the
-    intra-op pool (None: ONNX Runtime's default, one per physical core)."""
+    """An ONNX Runtime CPU session for an exported model file or folder (or the model's bytes);
+    `threads` sets the intra-op pool (None: ONNX Runtime's default, one per physical core)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -335,7 +369,8 @@ def load_onnx_session(path, threads: int | None = None):
     # A CNN is one chain of operators: the parallelism that pays is inside each operator.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(model_file(path)), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(model_file(path))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def parity(exported, inputs, module=None, run_dir=None, checkpoint: str | None = None,
@@ -347,7 +382,10 @@ def parity(exported, inputs, module=None, run_dir=None, checkpoint: str | None =
     inputs = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
     spec = read_spec(path)
     if module is None:
-        _, module = load_serving_module(run_dir or spec["exported_from"], checkpoint or spec["checkpoint"])
+        run_dir = run_dir or spec["exported_from"]  # relative to the cwd the export ran in
+        if not Path(run_dir).is_dir():
+            raise UserError(f"the run {run_dir!r} named by {SPEC_FILE} is not a folder here; pass run_dir=.")
+        _, module = load_serving_module(run_dir, checkpoint or spec["checkpoint"])
     with torch.no_grad():
         expected = module(inputs).numpy()
         if path.suffix == ".onnx":

@@ -23,8 +23,20 @@ What /predict accepts, one image per request:
   {"array": nested lists of integers 0..255, shaped (H, W) (grey) or (H, W, C) with the model's C}.
 It answers the task's `serving_postprocess` as JSON (classification: {"label", "probabilities"}).
 A bad request gets {"error": "..."} with 400 (malformed JSON, base64 or multipart; empty body),
-413 (body over `max_request_bytes`), 415 (another content type) or 422 (well formed but not a
-usable image: not an image, truncated, wrong channel count, over `max_pixels`, missing field).
+413 (body over `max_request_bytes`, or an image over `max_pixels`), 415 (another content type)
+or 422 (well formed but not a usable image: not an image, truncated, wrong channel count, missing
+field).
+
+Memory. A 160 KB PNG can declare 7000 x 7000 pixels (150 MB decoded, several copies on the way);
+`max_pixels` is checked on the header before anything is decoded, and by default it is what the
+model can use: 64 times its input area (8x each side), at least 4 M pixels (`default_max_pixels`).
+Where the preprocessing resizes to a fixed size anyway (the answer does not depend on the original
+size), a JPEG is decoded in draft mode at 1/2..1/8 scale, never below twice the input size. After a
+large image the HTTP process hands freed heap back to the OS (`release_memory`): glibc keeps it
+otherwise, per decoding thread. The model is exported (or, for torch, test-loaded) once, in a
+short-lived child process: a checkpoint that cannot be loaded is a UserError naming it before the
+server starts, and the inference workers only open the ONNX model, without lightning, the
+PyTorch model or the exporter in memory.
 
 Where the work happens, and why:
 - The HTTP process (uvicorn, forked by LitServe) reads the body under the size limit, decodes the
@@ -47,6 +59,9 @@ before the body is read), then the bytes as they stream in (chunked uploads).
 import base64
 import binascii
 import contextlib
+import ctypes
+import multiprocessing
+import platform
 import json
 import os
 import re
@@ -58,6 +73,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from collections.abc import Callable
@@ -75,6 +91,7 @@ from starlette.formparsers import MultiPartParser
 from podium.common.images import decode_image_bytes
 from podium.engine.task import Task
 from podium.errors import UserError
+from podium.serve.export import portable_path
 
 MiB = 1024 * 1024
 BACKENDS = ("onnxruntime", "torch")
@@ -82,6 +99,11 @@ BACKENDS = ("onnxruntime", "torch")
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 REQUEST_TIMEOUT_S = 30  # LitServe answers 504 to a request queued longer than this
+# default_max_pixels: 8x the input's sides, but at least 2048 x 2048 (a photo the model shrinks)
+PIXELS_PER_INPUT_PIXEL = 64
+MIN_DEFAULT_PIXELS = 4 * 1024 * 1024
+UNSIZED_DEFAULT_PIXELS = 50_000_000  # a task whose spec gives no input size
+RELEASE_AFTER_PIXELS = 1_000_000  # decoded images this large are followed by malloc_trim (a few ms)
 JSON_HELP = ('a JSON body must be an object with one of "image" (base64 of an encoded image) or '
              '"array" (nested lists of integers 0..255 shaped (H, W) or (H, W, C))')
 
@@ -89,7 +111,7 @@ JSON_HELP = ('a JSON body must be an object with one of "image" (base64 of an en
 @dataclass
 class ServeConfig:
     """How to serve a run. Defaults: ONNX Runtime, batches of up to 8 gathered for 10 ms,
-    loopback only, 10 MiB request bodies, 50 M pixels per image."""
+    loopback only, 10 MiB request bodies, images up to `default_max_pixels` of the model."""
 
     backend: str = "onnxruntime"  # or "torch"
     max_batch_size: int = 8  # 1 turns dynamic batching off
@@ -97,7 +119,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback: other machines cannot reach it unless asked ("0.0.0.0")
     port: int = 8000
     max_request_bytes: int = 10 * MiB
-    max_pixels: int = 50_000_000  # decompression bombs: a tiny PNG can declare a huge image
+    max_pixels: int | None = None  # None: default_max_pixels(model input); a tiny PNG can declare a huge image
     workers_per_device: int = 1  # inference processes
     checkpoint: str = "best"  # "best", "last" or a path to a .pt file
     threads: int | None = None  # intra-op threads of the backend (None: its default)
@@ -115,7 +137,7 @@ class ServeConfig:
             problems.append("max_batch_size and workers_per_device must be at least 1")
         if not 0 <= self.batch_timeout < REQUEST_TIMEOUT_S:
             problems.append(f"batch_timeout must lie in [0, {REQUEST_TIMEOUT_S}) seconds")
-        if self.max_request_bytes < 1 or self.max_pixels < 1:
+        if self.max_request_bytes < 1 or (self.max_pixels is not None and self.max_pixels < 1):
             problems.append("max_request_bytes and max_pixels must be positive")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -124,6 +146,35 @@ class ServeConfig:
         if problems:
             raise UserError("serve: " + "; ".join(problems) + ".")
         return self
+
+
+def default_max_pixels(spec: dict) -> int:
+    """The pixel bound of an upload when none is given: 64x the model's input area (8x each side),
+    at least MIN_DEFAULT_PIXELS; 50 M when the spec names no input size."""
+    height, width = spec.get("input", {}).get("height"), spec.get("input", {}).get("width")
+    if not isinstance(height, int) or not isinstance(width, int):
+        return UNSIZED_DEFAULT_PIXELS
+    return max(MIN_DEFAULT_PIXELS, PIXELS_PER_INPUT_PIXEL * height * width)
+
+
+def draft_size(spec: dict) -> int | None:
+    """The smallest side a JPEG may be draft-decoded to, or None (full decode): only when the first
+    step resizes to a fixed size, i.e. the original size is not part of the answer (landmark points
+    and segmentation masks are given in original pixels). Twice the input keeps the final
+    antialiased resize doing the work."""
+    steps = [step for step in spec.get("preprocess", []) if step.get("op") != "decode"]
+    if not steps or steps[0].get("op") != "resize" or "size" not in steps[0]:
+        return None
+    return 2 * max(int(v) for v in steps[0]["size"])
+
+
+def release_memory() -> None:
+    """Give freed heap back to the OS (glibc's malloc_trim; a no-op elsewhere). Without it a
+    large decode leaves hundreds of MB resident in each decoding thread's arena."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -147,11 +198,12 @@ class RequestReader:
     """
 
     def __init__(self, task: Task, channels: int, max_request_bytes: int = 10 * MiB,
-                 max_pixels: int = 50_000_000):
+                 max_pixels: int = UNSIZED_DEFAULT_PIXELS, draft: int | None = None):
         self.task = task
         self.channels = channels
         self.max_request_bytes = max_request_bytes
         self.max_pixels = max_pixels
+        self.draft = draft  # see draft_size
 
     async def read(self, request: Request) -> Prepared:
         body = await self.read_body(request)
@@ -228,10 +280,21 @@ class RequestReader:
             decoded = self.task.serving_decode(data)  # non-image inputs (k-space), else None
             if decoded is not None:
                 return self.prepare(decoded)
-            image = decode_image_bytes(data, self.channels, name="image", max_pixels=self.max_pixels)
+            image = decode_image_bytes(data, self.channels, name="image", max_pixels=self.max_pixels,
+                                       draft=self.draft)
         except UserError as e:  # PIL names the buffer: "cannot identify image file <_io.BytesIO ...>"
-            raise HTTPException(422, re.sub(r" <_io\.BytesIO object at \w+>", "", str(e))) from None
-        return self.prepare(image)
+            message = re.sub(r" <_io\.BytesIO object at \w+>", "", str(e))
+            if "exceeds the limit" in message:
+                raise HTTPException(413, f"{message} Send a smaller image (the server's max_pixels, "
+                                         f"`podium serve --max-pixels`).") from None
+            raise HTTPException(422, message) from None
+        large = image.shape[-1] * image.shape[-2] >= RELEASE_AFTER_PIXELS
+        try:
+            return self.prepare(image)
+        finally:
+            del image
+            if large:
+                release_memory()
 
     def array_image(self, value) -> torch.Tensor:
         """Nested lists (H, W) or (H, W, C) of 0..255 -> uint8 (C, H, W). A grey (H, W) array
@@ -286,17 +349,19 @@ class PodiumAPI(ls.LitAPI):
     """LitServe's view of a run. Pickled into spawned inference workers, so it holds only the
     run folder and the config until `setup` loads the model there."""
 
-    def __init__(self, run_dir: str | os.PathLike, config: ServeConfig):
+    def __init__(self, run_dir: str | os.PathLike, config: ServeConfig, onnx_model: bytes | None = None):
         with warnings.catch_warnings():  # "batch and unbatch implemented but max_batch_size is 1"
             warnings.simplefilter("ignore", UserWarning)
             super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout)
         self.run_dir = str(run_dir)
         self.config = config
+        self.onnx_model = onnx_model  # the exported graph (backend onnxruntime), see prepare_model
 
     def setup(self, device):
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
-        self.task, self.run_model = load_backend(Path(self.run_dir), self.config)
+        # The worker's own torch ops (stacking, postprocessing) are tiny: one thread unless asked.
+        torch.set_num_threads(self.config.threads or 1)
+        self.task, self.run_model = load_backend(Path(self.run_dir), self.config, self.onnx_model)
+        self.onnx_model = None  # the session holds its own copy
 
     def decode_request(self, request: Annotated[Prepared, Depends(read_predict_request)]) -> Prepared:
         return request  # decoded and preprocessed in the HTTP process (see the module docstring)
@@ -327,8 +392,34 @@ def task_for_run(run_dir: Path) -> Task:
     return registry.build("task", cfg.task.name, cfg)
 
 
-def load_backend(run_dir: Path, config: ServeConfig) -> tuple[Task, Callable[[np.ndarray], np.ndarray]]:
-    """The run's task and a function: float32 batch (B, C, H, W) -> the graph's output rows."""
+def prepare_model(run_dir: str, backend: str, checkpoint: str) -> bytes | None:
+    """Load the checkpoint once: onnxruntime -> the exported ONNX model's bytes; torch -> None
+    (loaded only to check it). Raises UserError naming a checkpoint that cannot be loaded."""
+    from rich.console import Console
+
+    from podium.serve.export import export_run, load_serving_module
+
+    console = Console(stderr=True)
+    if backend == "torch":
+        load_serving_module(run_dir, checkpoint, console)
+        return None
+    with tempfile.TemporaryDirectory(prefix="podium-serve-") as tmp:
+        exported = export_run(run_dir, fmt="onnx", out_dir=Path(tmp) / "onnx", checkpoint=checkpoint,
+                              console=console)
+        return (exported / "model.onnx").read_bytes()
+
+
+def prepare_model_in_child(run_dir: Path, config: ServeConfig) -> bytes | None:
+    """`prepare_model` in a spawned process that then exits: lightning, the exporter and the
+    PyTorch model never stay in the server's memory (its HTTP processes are forks of this one)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(prepare_model, str(run_dir), config.backend, config.checkpoint).result()
+
+
+def load_backend(run_dir: Path, config: ServeConfig, onnx_model: bytes | None = None
+                 ) -> tuple[Task, Callable[[np.ndarray], np.ndarray]]:
+    """The run's task and a function: float32 batch (B, C, H, W) -> the graph's output rows.
+    `onnx_model`: the exported graph from `prepare_model` (None: export it here)."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -347,13 +438,11 @@ def load_backend(run_dir: Path, config: ServeConfig) -> tuple[Task, Callable[[np
 
         return trainer.task, run_torch
 
-    from podium.serve.export import export_run, load_onnx_session
+    from podium.serve.export import load_onnx_session
 
-    # ONNX Runtime reads the whole file when the session opens: the folder can go at once.
-    with tempfile.TemporaryDirectory(prefix="podium-serve-") as tmp:
-        exported = export_run(run_dir, fmt="onnx", out_dir=Path(tmp) / "onnx", checkpoint=config.checkpoint,
-                              console=console)
-        session = load_onnx_session(exported, threads=config.threads)
+    if onnx_model is None:
+        onnx_model = prepare_model(str(run_dir), config.backend, config.checkpoint)
+    session = load_onnx_session(onnx_model, threads=config.threads)
     input_name = session.get_inputs()[0].name
 
     def run_onnx(images: np.ndarray) -> np.ndarray:
@@ -382,13 +471,18 @@ def build_server(run_dir: str | os.PathLike, config: ServeConfig | None = None) 
         config = replace(config, backend="torch")  # e.g. FFTs: ONNX opset 17 has no export for them
     if spec.get("batchable", True) is False:  # inputs of different shapes cannot be stacked
         config = replace(config, max_batch_size=1)
-    server = ls.LitServer(PodiumAPI(run_dir, config), accelerator="cpu", timeout=REQUEST_TIMEOUT_S,
+    if config.max_pixels is None:
+        config = replace(config, max_pixels=default_max_pixels(spec))
+    onnx_model = prepare_model_in_child(run_dir, config)  # a corrupt or foreign checkpoint: UserError
+    # /info shows names, not the server's folder layout (paths relative to the cwd at most).
+    public = {**asdict(config), "checkpoint": portable_path(config.checkpoint)}
+    server = ls.LitServer(PodiumAPI(run_dir, config, onnx_model), accelerator="cpu", timeout=REQUEST_TIMEOUT_S,
                           workers_per_device=config.workers_per_device,
-                          model_metadata={"run_dir": str(run_dir.resolve()), "backend": config.backend,
-                                          "serving_spec": spec, "config": asdict(config)})
+                          model_metadata={"run": run_dir.resolve().name, "backend": config.backend,
+                                          "serving_spec": spec, "config": public})
     decode_channels = int(spec.get("decode", {}).get("channels", spec["input"]["channels"]))
-    server.app.state.podium_reader = RequestReader(task, decode_channels,
-                                                   config.max_request_bytes, config.max_pixels)
+    server.app.state.podium_reader = RequestReader(task, decode_channels, config.max_request_bytes,
+                                                   config.max_pixels, draft_size(spec))
     server.app.add_exception_handler(StarletteHTTPException, json_error)
     server.app.add_exception_handler(Exception, json_internal_error)
     return server
@@ -492,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve a podium run over HTTP.")
     parser.add_argument("run_dir", type=Path)
     for name, value in asdict(defaults).items():
-        kind = int if name in ("threads",) else type(value)
+        kind = int if name in ("threads", "max_pixels") else type(value)
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     args = vars(parser.parse_args(argv))
     run_dir = args.pop("run_dir")

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from podium.common.images import unreadable_image
 from podium.errors import UserError
 
 
@@ -65,8 +66,10 @@ def read_image_size(path: Path, where: str = "") -> tuple[int, int]:
                 orientation = img.getexif().get(0x0112, 1)
             except Exception:  # noqa: BLE001 - a broken EXIF block only loses the rotation
                 orientation = 1
+        if w <= 0 or h <= 0:  # Pillow opens an HDF5 file as a 0 x 0 stub image
+            raise ValueError(f"{img.format} file without pixels")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise UserError(f"{prefix}cannot read image {path}: {e or type(e).__name__}") from None
+        raise UserError(f"{prefix}{unreadable_image(path, str(e) or type(e).__name__)}") from None
     if orientation in (5, 6, 7, 8):  # transposed / rotated by 90 degrees
         w, h = h, w
     return int(w), int(h)
