@@ -24,3 +24,15 @@ def test_redact_text(text, expected):
 def test_redact_walks_nested_values():
     value = {"argv": ["podium", "tracking.uri=http://u:p@h"], "n": 3, "t": ("x://a:b@c",)}
     assert redact(value) == {"argv": ["podium", "tracking.uri=http://u:***@h"], "n": 3, "t": ("x://a:***@c",)}
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("http://alice:s3cret@host:5000/x", ("http://host:5000/x", "alice", "s3cret")),
+    ("https://token@host", ("https://host", "token", None)),
+    ("http://host:5000", ("http://host:5000", None, None)),
+    ("sqlite:///runs/mlflow.db", ("sqlite:///runs/mlflow.db", None, None)),
+])
+def test_split_credentials(uri, expected):
+    from podium.common.redact import split_credentials
+
+    assert split_credentials(uri) == expected

@@ -189,3 +189,26 @@ def test_a_full_disk_anywhere_in_a_command_exits_2_naming_the_file(copy, monkeyp
     assert result.exit_code == 2, result.output
     assert "No space left on device" in flat(result.output)
     assert f"cannot write {copy / 'eval' / 'best' / 'eval.json'}" in flat(result.output)
+
+
+def test_tracking_credentials_never_reach_the_run_folder(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: tracking is disabled after the check
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "placeholder")  # restored after the test
+    uri = f"http://alice:s3cret@127.0.0.1:{port}"
+    result = invoke("train", *TINY, "trainer.max_steps=1", f"tracking.uri={uri}", "tracking.timeout_s=0.2",
+                    f"run.dir={tmp_path / 'run'}")
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".json", ".csv"):
+            assert "s3cret" not in path.read_text(), path
+    assert f"uri: http://127.0.0.1:{port}" in (tmp_path / "run" / "config.yaml").read_text()
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    # a resume may give the URI with its credentials again: it is the same URI
+    result = invoke("train", f"resume={tmp_path / 'run'}", f"tracking.uri={uri}")
+    assert result.exit_code == 0, result.output

@@ -39,3 +39,14 @@ def redact(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(redact(item) for item in value)
     return value
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(uri without userinfo, user, password) of `scheme://user:password@host/...`; a URI
+    without userinfo comes back unchanged with (None, None)."""
+    match = _USERINFO.match(uri or "")
+    if not match:
+        return uri, None, None
+    password = match.group("password")
+    return (match.group("scheme") + uri[match.end():], match.group("user") or None,
+            password[1:] if password else None)

@@ -54,8 +54,14 @@ def may_change(key: str) -> bool:
 
 
 def changed_keys(stored: DictConfig, requested: DictConfig) -> dict[str, tuple]:
-    """{key: (stored value, requested value)} for every key the overrides changed."""
+    """{key: (stored value, requested value)} for every key the overrides changed. A tracking
+    URI given again with its credentials (config.yaml stores it without) is the same URI."""
+    from podium.common.redact import split_credentials
+
     before, after = _flat(stored), _flat(requested)
+    for flat in (before, after):
+        if flat.get("tracking.uri"):
+            flat["tracking.uri"] = split_credentials(flat["tracking.uri"])[0]
     return {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after))
             if before.get(k) != after.get(k)}
 

@@ -107,6 +107,30 @@ def _write_run_files(run_dir: Path, cfg, fabric, resumed_at: dict | None) -> Non
         raise (disk_error(err, run_dir, "run folder") or err) from None
 
 
+def _move_credentials_to_environment(cfg, console: Console | None) -> None:
+    """A tracking URI with `user:password@` never reaches config.yaml (which is copied, shared
+    and logged as an artifact): the credentials go to MLflow's own variables for this process,
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, and the stored URI keeps the host
+    only. A resume against that server takes the same variables (or the URI again)."""
+    from podium.common.redact import split_credentials
+
+    uri = cfg.tracking.uri
+    if not uri:
+        return
+    bare, user, password = split_credentials(uri)
+    if user is None and password is None:
+        return
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    with open_dict(cfg):
+        cfg.tracking.uri = bare
+    if console is not None:
+        console.print(f"tracking.uri credentials moved to MLFLOW_TRACKING_USERNAME/PASSWORD; "
+                      f"config.yaml stores {bare}", highlight=False)
+
+
 def train(cfg, console: Console, resume_dir: Path | None = None,
           resume_checkpoint: str = "last") -> tuple[Path, dict]:
     """Train a new run, or resume `resume_dir` from its `resume_checkpoint` (last, or best when
@@ -140,6 +164,7 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
         check_limits(run_dir, cfg, resume_data.get("state", {}))
     with open_dict(cfg):
         cfg.run.dir, cfg.resume = str(run_dir), None
+    _move_credentials_to_environment(cfg, console if is_main else None)
     if is_main:
         _writable_run_dir(run_dir)
         ckpt.cleanup_temp_files(run_dir / "checkpoints")
