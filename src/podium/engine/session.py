@@ -9,13 +9,14 @@ imports a task.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from podium.engine import registry
+from podium.engine import registry, runcard
 from podium.engine.runs import new_run_dir, write_json
 from podium.errors import UserError
 
@@ -179,6 +180,7 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
     if is_main:
         _write_run_files(run_dir, cfg, fabric, None if resume_from is None else
                          {"resumed_at_step": trainer.state.step, "resumed_from": resume_from.name})
+        runcard.write_card(run_dir, task)  # run.json: predict / export / serve need no data
         console.print(f"run folder: {run_dir}")
     tracker = Tracker(cfg.tracking, run_dir=run_dir, runs_root=Path(cfg.run.root), experiment=cfg.name,
                       run_name=run_dir.name, enabled=is_main, console=console)
@@ -217,9 +219,11 @@ def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
     return run_dir / "checkpoints" / f"{checkpoint}.pt"
 
 
-def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, checkpoint: str):
+def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, checkpoint: str,
+                    with_data: bool = True):
     """A Trainer set up for inference on a finished run (its config, one device, the
-    checkpoint's weights and EMA): what eval, predict, export and serve share."""
+    checkpoint's weights and EMA): what eval, predict, export and serve share. `with_data=False`
+    builds the model from the run card (run.json) without the datasets, when the run has one."""
     from podium.config import load_run_config
     from podium.engine import checkpoint as ckpt
     from podium.engine.trainer import Trainer, _unwrap
@@ -233,8 +237,10 @@ def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, check
     fabric = make_fabric(cfg.trainer, console)
     data = ckpt.load_checkpoint(path, map_location=fabric.device)  # before the slow set-up
     task = registry.build("task", cfg.task.name, cfg)
+    card = runcard.apply_card(task, run_dir)
     trainer = Trainer(cfg, task, run_dir, fabric, console=console)
-    trainer.setup(training=False)
+    with runcard.rebuilding_from_data(run_dir) if card is None and not with_data else nullcontext():
+        trainer.setup(training=False, data=with_data or card is None)
     if not isinstance(data, dict) or "model" not in data:
         raise UserError(f"checkpoint {path} holds no model weights (not a podium checkpoint).")
     ckpt.load_model_state(_unwrap(trainer.model), data["model"], path, data,
@@ -272,7 +278,7 @@ def evaluate(run_dir: Path, overrides: list[str], console: Console, checkpoint: 
 
 def predict(run_dir: Path, inputs: list[Path], out: Path, console: Console, checkpoint: str = "best",
             overrides: list[str] | None = None) -> Path:
-    trainer, _ = trainer_for_run(run_dir, overrides or [], console, checkpoint)
+    trainer, _ = trainer_for_run(run_dir, overrides or [], console, checkpoint, with_data=False)
     files = expand_inputs(inputs)
     model = trainer.eval_model()
     model.eval()

@@ -59,6 +59,9 @@ class Task:
     monitor: str = "val/loss"
     monitor_mode: str = "min"
 
+    #: the run card this task was restored from (`use_card`); None while training
+    card: dict | None = None
+
     def __init__(self, cfg):
         self.cfg = cfg
 
@@ -82,6 +85,19 @@ class Task:
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    # ---- the run card (run.json, podium.engine.runcard) ------------------------------------
+    def describe(self) -> dict:
+        """The run card: a JSON-able dict with at least "task", "model", "model_kwargs" (what
+        `build_model` takes beyond cfg.model, e.g. num_classes), "input" (channels, size or
+        window, normalisation) and "output" ("kind", "meaning" in words, class / landmark
+        names). Called after `build_datasets` at training time; with `use_card` it is all the
+        task needs to build its model and preprocess a raw input without the training data."""
+        raise NotImplementedError(f"the {type(self).__name__} does not describe itself (no run card)")
+
+    def use_card(self, card: dict) -> None:
+        """Take the facts the training data gave (head size, names) from `card` from now on."""
+        self.card = card
 
     def build_loss(self, datasets: dict[str, Dataset]) -> None:
         """Build and keep the loss (it may need the training labels, e.g. class weights)."""

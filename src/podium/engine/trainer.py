@@ -164,9 +164,10 @@ class Trainer:
         if torch.get_num_threads() > threads:
             torch.set_num_threads(threads)
 
-    def setup(self, training: bool = True) -> None:
+    def setup(self, training: bool = True, data: bool = True) -> None:
         """Build model, data and (for training) loaders, optimizer and schedule.
-        `training=False` (eval, predict) skips what only training needs."""
+        `training=False` (eval, predict) skips what only training needs; `data=False` (predict
+        from a run card) also skips the datasets and the loss."""
         cfg, task, fabric = self.cfg, self.task, self.fabric
         self._limit_cpu_threads()
         repro.seed_everything(cfg.seed, self.tc.deterministic)
@@ -179,8 +180,8 @@ class Trainer:
                                    "has no set_grad_checkpointing(); training without it.")
         if self.tc.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.datasets = task.build_datasets()
-        for split in ("train", "val"):
+        self.datasets = task.build_datasets() if data or training else {}
+        for split in ("train", "val") if data or training else ():
             if split not in self.datasets:
                 raise UserError(f"the dataset has no '{split}' split.")
         if training:
@@ -198,7 +199,8 @@ class Trainer:
 
             self.ema = AveragedModel(_unwrap(self.model), multi_avg_fn=ema_update(self.tc.ema.decay, self.tc.ema.warmup),
                                      use_buffers=True)
-        task.build_loss(self.datasets)
+        if self.datasets:
+            task.build_loss(self.datasets)
         self.total_steps = 0
         if not training:
             return

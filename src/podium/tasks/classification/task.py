@@ -46,12 +46,34 @@ class ClassificationTask(Task):
     # ---- building
     @property
     def classes(self) -> list[str]:
+        if self.card is not None:  # restored from run.json: no training data needed
+            return list(self.card["classes"])
         return list(self.build_datasets()["train"].classes)
 
-    def build_model(self):
+    def model_kwargs(self) -> dict:
+        """What the model needs beyond cfg.model: from the run card, or from the training data."""
+        if self.card is not None:
+            return dict(self.card["model_kwargs"])
         train = self.build_datasets()["train"]
-        return registry.build("model", self.cfg.model.name, self.cfg.model,
-                              num_classes=len(train.classes), in_chans=train.in_chans)
+        return {"num_classes": len(train.classes), "in_chans": int(train.in_chans)}
+
+    def build_model(self):
+        return registry.build("model", self.cfg.model.name, self.cfg.model, **self.model_kwargs())
+
+    def describe(self) -> dict:
+        from podium.engine.runcard import card_header
+
+        c = cls_data._as_config(self.cfg.data, cls_data.ImageDataConfig)
+        mean, std = cls_data._check_common(c)
+        classes = self.classes
+        return {**card_header(self), "model_kwargs": self.model_kwargs(),
+                "classes": classes, "num_classes": len(classes),
+                "input": {"channels": int(c.channels), "size": [int(c.image_size)] * 2,
+                          "resize": "square, bilinear, antialiased (no crop, no letterbox)",
+                          "pixel_scale": 1 / 255, "mean": mean, "std": std, "layout": "NCHW"},
+                "output": {"kind": "class_probs", "shape": ["batch", len(classes)],
+                           "meaning": "softmax probabilities over `classes` (column i is classes[i]); "
+                                      "the label is the argmax"}}
 
     def build_loss(self, datasets):
         train = datasets["train"]
@@ -141,6 +163,9 @@ class ClassificationTask(Task):
         return out_file
 
     def example_input(self):
+        if self.card is not None:  # a batch of the card's input shape: no data needed
+            size = self.card["input"]["size"]
+            return torch.zeros(1, int(self.card["input"]["channels"]), int(size[0]), int(size[1]))
         image, _ = self.build_datasets()["val"][0]
         return image.unsqueeze(0)
 

@@ -63,10 +63,44 @@ class LandmarkTask(Task):
     def train_set(self):
         return self.build_datasets()["train"]
 
+    @property
+    def landmark_names(self) -> list[str]:
+        if self.card is not None:  # restored from run.json: no training data needed
+            return list(self.card["landmarks"])
+        return list(self.train_set.landmark_names)
+
+    def model_kwargs(self) -> dict:
+        """What the model needs beyond cfg.model: from the run card, or from the training data."""
+        if self.card is not None:
+            return dict(self.card["model_kwargs"])
+        return {"num_landmarks": int(self.train_set.num_landmarks), "in_chans": int(self.train_set.in_chans)}
+
     def build_model(self):
-        train = self.train_set
-        return registry.build("model", self.cfg.model.name, self.cfg.model,
-                              num_landmarks=train.num_landmarks, in_chans=train.in_chans)
+        return registry.build("model", self.cfg.model.name, self.cfg.model, **self.model_kwargs())
+
+    def describe(self) -> dict:
+        from podium.common.images import channel_stats
+        from podium.engine.runcard import card_header
+        from podium.tasks.landmarks.data import _common_config
+
+        c, t = _common_config(self.cfg.data), self.cfg.task
+        names = self.landmark_names
+        h, w = (int(x) for x in c.image_size)
+        return {**card_header(self), "model_kwargs": self.model_kwargs(),
+                "landmarks": names, "num_landmarks": len(names),
+                "input": {"channels": int(c.channels), "size": [h, w],
+                          "letterbox": {"size": [h, w], "align": "top-left", "pad": 0,
+                                        "scale": "min(height / orig_h, width / orig_w)",
+                                        "interpolation": "bilinear, antialiased"},
+                          "pixel_scale": 1 / 255, "mean": channel_stats(c.mean, c.channels, "mean"),
+                          "std": channel_stats(c.std, c.channels, "std"), "layout": "NCHW"},
+                "output": {"kind": "points", "shape": ["batch", len(names), 2],
+                           "spacing_mm": float(self.cfg.data.get("spacing", 1.0)),
+                           "decode": str(t.decode), "tta_shifts": [int(x) for x in t.tta_shifts],
+                           "tta_scales": [float(x) for x in t.tta_scales],
+                           "meaning": "(x, y) of each landmark in `landmarks` order, in input pixels with pixel "
+                                      "centres at integers; original pixels = (p + 0.5) / scale - 0.5 (undo the "
+                                      "letterbox), millimetres = original pixels x spacing_mm"}}
 
     def build_loss(self, datasets):
         self.loss_fn = registry.build("loss", self.cfg.loss.name, self.cfg.loss,
@@ -87,9 +121,18 @@ class LandmarkTask(Task):
             points = hm.decode_argmax(logits)
         else:
             # heatmap_mse regresses the heat itself (not logits): weight by heat, not softmax
-            as_logits = getattr(self.loss_fn, "decodes_logits", True)
+            as_logits = getattr(self.loss_fn or self._inference_loss(), "decodes_logits", True)
             points = hm.decode_local_soft_argmax(logits, window=self.cfg.task.decode_window, logits=as_logits)
         return hm.heatmap_to_points(points, self._stride(model))
+
+    def _inference_loss(self):
+        """The run's loss, built from the card when inference skipped `build_loss` (no data):
+        only it knows whether the heatmaps are logits or heat."""
+        if self.card is None:
+            return None
+        self.loss_fn = registry.build("loss", self.cfg.loss.name, self.cfg.loss,
+                                      num_landmarks=int(self.card["num_landmarks"]))
+        return self.loss_fn
 
     def predict_points(self, model, images: torch.Tensor) -> torch.Tensor:
         """(B, K, 2) points in input pixels, averaged over the configured shift and scale TTA;
@@ -157,7 +200,7 @@ class LandmarkTask(Task):
         if not records:
             raise UserError(f"the {split} split produced no images.")
         records = sorted(records, key=lambda r: r["index"])
-        return lm_metrics.landmark_metrics(self._errors(records), names=self.train_set.landmark_names)
+        return lm_metrics.landmark_metrics(self._errors(records), names=self.landmark_names)
 
     # ---- outputs
     def _split_set(self, split):
@@ -167,7 +210,7 @@ class LandmarkTask(Task):
         out_dir.mkdir(parents=True, exist_ok=True)
         records = sorted(records, key=lambda r: r["index"])
         dataset = self._split_set(split)
-        names = self.train_set.landmark_names
+        names = self.landmark_names
         path = out_dir / f"{split}.csv"
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
@@ -189,7 +232,7 @@ class LandmarkTask(Task):
     def visualize(self, records, split, out_dir: Path):
         records = sorted(records, key=lambda r: r["index"])
         errors = self._errors(records)
-        names = self.train_set.landmark_names
+        names = self.landmark_names
         paths = [lm_metrics.plot_cumulative_error(errors, out_dir / f"cumulative_error_{split}.png", label=split),
                  lm_metrics.plot_per_landmark(errors, names, out_dir / f"per_landmark_{split}.png")]
         dataset = self._split_set(split)
@@ -209,7 +252,7 @@ class LandmarkTask(Task):
         from podium.common.images import load_image
         from podium.tasks.landmarks.data import prepare_image
 
-        names = self.train_set.landmark_names
+        names = self.landmark_names
         spacing = float(self.cfg.data.spacing)
         out_file = Path(out_file)
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +279,9 @@ class LandmarkTask(Task):
         return out_file
 
     def example_input(self):
+        if self.card is not None:  # a batch of the card's input shape: no data needed
+            h, w = self.card["input"]["size"]
+            return torch.zeros(1, int(self.card["input"]["channels"]), int(h), int(w))
         return self.build_datasets()["val"][0]["image"].unsqueeze(0)
 
     # ---- serving: points decoded inside the graph, mapped back through the letterbox after
@@ -257,10 +303,10 @@ class LandmarkTask(Task):
                      "scale": "min(height / orig_h, width / orig_w)"},
                     {"op": "scale", "factor": 1 / 255},
                     {"op": "normalize", "mean": [float(m) for m in mean], "std": [float(s) for s in std]}],
-                "output": {"name": "points", "kind": "landmarks", "shape": ["batch", self.train_set.num_landmarks, 2],
+                "output": {"name": "points", "kind": "landmarks", "shape": ["batch", len(self.landmark_names), 2],
                            "units": "input pixels (x, y), pixel centres at integers",
                            "to_original": "(p - pad + 0.5) / scale - 0.5",
-                           "names": list(self.train_set.landmark_names),
+                           "names": self.landmark_names,
                            "spacing_mm": float(getattr(c, "spacing", 1.0))}}
 
     def serving_preprocess(self, image):
@@ -274,7 +320,7 @@ class LandmarkTask(Task):
         spacing = float(getattr(self.cfg.data, "spacing", 1.0))
         return {"landmarks": [{"name": n, "x_px": round(float(x), 2), "y_px": round(float(y), 2),
                                "x_mm": round(float(x) * spacing, 3), "y_mm": round(float(y) * spacing, 3)}
-                              for n, (x, y) in zip(self.train_set.landmark_names, points)],
+                              for n, (x, y) in zip(self.landmark_names, points)],
                 "spacing_mm": spacing}
 
 

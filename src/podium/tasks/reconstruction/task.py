@@ -98,6 +98,20 @@ class ReconstructionTask(Task):
     def build_model(self):
         return registry.build("model", self.cfg.model.name, self.cfg.model)
 
+    def describe(self) -> dict:
+        """The model needs nothing from the data (k-space in, image out at the input's size)."""
+        from podium.engine.runcard import card_header
+
+        return {**card_header(self), "model_kwargs": {},
+                "input": {"kind": "kspace", "channels": 1, "size": None,
+                          "layout": "(batch, coils, H, W, 2): real and imaginary parts of undersampled multi-coil k-space",
+                          "mask": "the file's sampling mask, else the columns that hold data",
+                          "intensity_scale": "1 / max of the zero-filled root-sum-of-squares image",
+                          "tta_readout_flip": bool(self.cfg.task.get("tta_readout_flip", False))},
+                "output": {"kind": "image", "shape": ["batch", "H", "W"],
+                           "meaning": "root-sum-of-squares magnitude image at the k-space's full size, in the "
+                                      "input's units (the network's output times the scale)"}}
+
     def build_loss(self, datasets):
         self.loss_fn = registry.build("loss", self.cfg.loss.name, self.cfg.loss)
 

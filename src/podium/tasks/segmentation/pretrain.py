@@ -342,6 +342,19 @@ class ContrastivePretrainTask(Task):
             raise UserError(f"task=moco needs model=moco_encoder, got model.name={self.cfg.model.name!r}.")
         return model
 
+    def describe(self) -> dict:
+        """A pretraining run's product is the encoder (RUN/encoder.pt), not predictions."""
+        from podium.engine.runcard import card_header
+
+        return {**card_header(self), "model_kwargs": {"in_chans": int(self.cfg.data.get("channels", 3))},
+                "method": str(self.cfg.task.method),
+                "input": {"channels": int(self.cfg.data.get("channels", 3)),
+                          "size": [int(x) for x in self.cfg.data.get("crop_size", [])] or None,
+                          "mean": [float(x) for x in self.cfg.data.get("mean", [])],
+                          "std": [float(x) for x in self.cfg.data.get("std", [])]},
+                "output": {"kind": "embedding", "meaning": "L2-normalised projection of each image, for "
+                           "contrastive pretraining; load RUN/encoder.pt into a segmentation model"}}
+
     def build_loss(self, datasets):
         self.loss_fn = registry.build("loss", self.cfg.loss.name, self.cfg.loss, method=self.cfg.task.method)
         self.temperature = self.loss_fn.temperature

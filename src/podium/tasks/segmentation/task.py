@@ -82,11 +82,50 @@ class SegmentationTask(Task):
 
     @property
     def num_classes(self) -> int:
+        if self.card is not None:  # restored from run.json: no training data needed
+            return int(self.card["num_classes"])
         return int(self.train_set.num_classes)
 
+    @property
+    def class_names(self) -> list[str]:
+        if self.card is not None:
+            return list(self.card["classes"])
+        return list(self.train_set.class_names)
+
+    def model_kwargs(self) -> dict:
+        """What the model needs beyond cfg.model: from the run card, or from the training data."""
+        if self.card is not None:
+            return dict(self.card["model_kwargs"])
+        return {"num_classes": self.num_classes, "in_chans": int(self.train_set.in_chans)}
+
+    def describe(self) -> dict:
+        from podium.engine.runcard import card_header
+        from podium.common.images import channel_stats
+        from podium.tasks.segmentation.pipeline import _common_config
+
+        c, t = _common_config(self.cfg.data), self.cfg.task
+        binary = self.num_classes == 2
+        return {**card_header(self), "model_kwargs": self.model_kwargs(),
+                "classes": self.class_names, "num_classes": self.num_classes,
+                "ignore_index": int(self.train_set.ignore_index),
+                "input": {"channels": int(c.channels), "decode": "RGB", "resize_factor": float(c.scale),
+                          "pixel_scale": 1 / 255,
+                          "clahe": {"mode": c.clahe, "clip_limit": float(c.clahe_clip), "tiles": int(c.clahe_tiles)},
+                          "field_of_view": {"mode": c.fov, "red_threshold": int(c.fov_threshold)},
+                          "mean": channel_stats(c.mean, c.channels, "mean"),
+                          "std": channel_stats(c.std, c.channels, "std"),
+                          "window": [int(x) for x in t.window], "overlap": float(t.overlap), "blend": t.blend,
+                          "tta_flips": [str(f) for f in t.tta_flips], "layout": "NCHW"},
+                "output": {"kind": "mask_probs", "shape": ["batch", self.num_classes, "H", "W"],
+                           "threshold": float(t.threshold),
+                           "meaning": ("per-pixel softmax probabilities over `classes` at the scaled image size; "
+                                       + (f"foreground where classes[1] >= threshold ({float(t.threshold)})"
+                                          if binary else "the mask is the argmax")
+                                       + ", background outside the field of view; resize the mask to the "
+                                         "original size with nearest neighbour")}}
+
     def build_model(self):
-        model = registry.build("model", self.cfg.model.name, self.cfg.model,
-                               num_classes=self.num_classes, in_chans=self.train_set.in_chans)
+        model = registry.build("model", self.cfg.model.name, self.cfg.model, **self.model_kwargs())
         self.window = inference.check_window(self.cfg.task.window, getattr(model, "divisor", 1))
         return model
 
@@ -145,7 +184,7 @@ class SegmentationTask(Task):
         return seg_metrics.segmentation_metrics(records, num_classes=self.num_classes,
                                                 threshold=self.cfg.task.threshold,
                                                 ignore_index=self.train_set.ignore_index,
-                                                class_names=list(self.train_set.class_names))
+                                                class_names=self.class_names)
 
     # ---- outputs
     def _split_set(self, split):
@@ -163,7 +202,7 @@ class SegmentationTask(Task):
         table = seg_metrics.per_image_table(records, num_classes=self.num_classes,
                                             threshold=self.cfg.task.threshold,
                                             ignore_index=self.train_set.ignore_index,
-                                            class_names=list(self.train_set.class_names))
+                                            class_names=self.class_names)
         path = out_dir / f"{split}_per_image.csv"
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["id", *table[0].keys()])
@@ -214,7 +253,7 @@ class SegmentationTask(Task):
         out_file = Path(out_file)
         out_dir = out_file.parent / f"{out_file.stem}_masks"
         out_dir.mkdir(parents=True, exist_ok=True)
-        names = list(self.train_set.class_names)
+        names = self.class_names
         rows = []
         for path in track(inputs, description="predicting", transient=True):
             rgb = read_image(path)
@@ -257,8 +296,10 @@ class SegmentationTask(Task):
         return (pred * 255).astype(np.uint8) if self.num_classes == 2 else pred.astype(np.uint8)
 
     def example_input(self):
-        image = self.build_datasets()["val"][0]["image"]
         h, w = self.cfg.task.window
+        if self.card is not None:  # a batch of the card's input shape: no data needed
+            return torch.zeros(1, int(self.card["input"]["channels"]), int(h), int(w))
+        image = self.build_datasets()["val"][0]["image"]
         return image.new_zeros(1, image.shape[0], int(h), int(w))
 
     # ---- serving: the image padded to the window canvas, probabilities inside the graph
@@ -288,7 +329,7 @@ class SegmentationTask(Task):
                     {"op": "normalize", "mean": [float(m) for m in c.mean], "std": [float(s) for s in c.std]},
                     {"op": "pad", "size": [h, w], "value": 0.0, "where": "centred: (diff // 2, diff - diff // 2)"}],
                 "output": {"name": "probabilities", "kind": "segmentation", "shape": ["batch", self.num_classes, h, w],
-                           "classes": list(self.train_set.class_names), "threshold": float(self.cfg.task.threshold),
+                           "classes": self.class_names, "threshold": float(self.cfg.task.threshold),
                            "mask": "crop the padding, threshold (binary) or argmax, background outside the "
                                    "field of view, resize to the original size with nearest neighbour"}}
 
@@ -322,7 +363,7 @@ class SegmentationTask(Task):
         Image.fromarray(self.mask_png_values(full)).save(buffer, "PNG")
         fov = meta["fov"]
         counts = np.bincount(pred[fov].ravel().astype(np.int64), minlength=self.num_classes)
-        names = list(self.train_set.class_names)
+        names = self.class_names
         return {"mask_png_base64": base64.b64encode(buffer.getvalue()).decode(),
                 "height": int(full.shape[0]), "width": int(full.shape[1]), "classes": names,
                 "mask_values": "0 / 255" if self.num_classes == 2 else "class ids",

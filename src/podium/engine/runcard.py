@@ -1,0 +1,138 @@
+"""The run card: `run.json` in a run folder, what `Task.describe()` says about the trained model.
+
+It holds what the training data taught the run and the config alone cannot tell: class or
+landmark names and their count (the head size), input channels, normalisation, input size or
+window, what the output means. With it and config.yaml, `load_model` and `podium predict` build
+the model from the run folder alone; without it the training dataset is rebuilt to learn the
+head size, which fails when the data is not on disk. (export and serve still set up a Trainer
+with the data; they move to `load_model` next.)
+
+    python -c "from podium.engine.runcard import load_model; print(load_model('runs/x')[2])"
+
+A run from before run cards has no run.json: its model is still rebuilt from the training data,
+and a failure says so.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from podium.errors import UserError
+
+CARD_FILE = "run.json"
+CARD_FORMAT = 1  # bumped when a key changes meaning; readers refuse a newer format
+
+
+def card_header(task) -> dict:
+    """The keys every card starts with."""
+    return {"format": CARD_FORMAT, "task": str(task.cfg.task.name), "model": str(task.cfg.model.name)}
+
+
+def write_card(run_dir: Path, task) -> Path | None:
+    """`task.describe()` -> RUN/run.json (atomic); None when the task does not describe itself."""
+    from podium.engine.checkpoint import disk_error
+    from podium.engine.runs import write_json
+
+    try:
+        card = task.describe()
+    except NotImplementedError:
+        return None
+    json.dumps(card)  # a task's bug (a tensor, a numpy float) fails here, not in a reader later
+    path = Path(run_dir) / CARD_FILE
+    try:
+        write_json(path, card)
+    except OSError as err:
+        raise (disk_error(err, path, "run card") or err) from None
+    return path
+
+
+def read_card(run_dir: Path) -> dict | None:
+    """The run card, or None for a run from before run cards; UserError for an unusable file."""
+    path = Path(run_dir) / CARD_FILE
+    if not path.is_file():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); it is written by `podium train` "
+                        "(Task.describe()). Restore it, or delete it to rebuild the model from the training data.") from None
+    if not isinstance(card, dict) or not {"task", "model", "model_kwargs"} <= set(card):
+        raise UserError(f"{path}: expected a run card (a JSON object with task, model, model_kwargs); "
+                        "delete it to rebuild the model from the training data.")
+    if int(card.get("format", 1)) > CARD_FORMAT:
+        raise UserError(f"{path} has card format {card['format']}; this podium reads up to {CARD_FORMAT}: "
+                        "upgrade podium.")
+    return card
+
+
+def apply_card(task, run_dir: Path) -> dict | None:
+    """Give `task` its run's card (checked against the config); None when the run has none."""
+    card = read_card(run_dir)
+    if card is None:
+        return None
+    cfg = task.cfg
+    if card["task"] != cfg.task.name or card["model"] != cfg.model.name:
+        raise UserError(f"{Path(run_dir) / CARD_FILE} describes task={card['task']} model={card['model']}, "
+                        f"but the config asks for task={cfg.task.name} model={cfg.model.name}: "
+                        "a run's task and model cannot be overridden.")
+    task.use_card(card)
+    return card
+
+
+@contextmanager
+def rebuilding_from_data(run_dir: Path):
+    """Around building a card-less run's model: a data error says why the data was needed."""
+    try:
+        yield
+    except UserError as err:
+        raise UserError(f"{run_dir} has no {CARD_FILE} (it was trained before run cards), so its model is "
+                        f"rebuilt from the training data, which failed: {err}") from None
+
+
+def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+    if str(checkpoint).endswith(".pt"):
+        return Path(checkpoint)
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"checkpoint {checkpoint!r}: expected best, last or a path to a .pt file.")
+    return Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
+
+
+def _ema_weights(ema_state: dict) -> dict:
+    """An AveragedModel's state ('module.<name>', 'n_averaged') -> the averaged model's own."""
+    return {k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")}
+
+
+def load_model(run_dir: Path, checkpoint: str = "best", overrides: list[str] | None = None,
+               map_location: str | torch.device = "cpu"):
+    """(task, model, card) of a finished run, built from RUN/run.json and RUN/config.yaml alone:
+    the model in eval mode with the checkpoint's weights, its EMA weights when the run evaluates
+    with them (as `podium eval` scores it). The checkpoint's hash is verified and a checkpoint of
+    another model is a UserError. `card` is None for a run from before run cards, whose model is
+    rebuilt from the training data."""
+    from podium.config import load_run_config  # the engine -> config arrow the issue removes later
+    from podium.engine import registry
+    from podium.engine import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, list(overrides or []))
+    path = checkpoint_path(run_dir, checkpoint)
+    data = ckpt.load_checkpoint(path, map_location=map_location)  # before the slow build
+    if not isinstance(data, dict) or "model" not in data:
+        raise UserError(f"checkpoint {path} holds no model weights (not a podium checkpoint).")
+    task = registry.build("task", cfg.task.name, cfg)
+    card = apply_card(task, run_dir)
+    if card is None:
+        with rebuilding_from_data(run_dir):
+            model = task.build_model()
+    else:
+        model = task.build_model()
+    expected = f"task={cfg.task.name} model={cfg.model.name}"
+    ckpt.load_model_state(model, data["model"], path, data, expected)
+    ema = cfg.trainer.get("ema") or {}
+    if ema.get("enabled") and ema.get("evaluate_with_ema", True) and data.get("ema"):
+        ckpt.load_model_state(model, _ema_weights(data["ema"]), path, data, expected + " (EMA weights)")
+    return task, model.to(map_location).eval(), card
