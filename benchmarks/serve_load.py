@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     mode = "quick" if args.quick else "full"
     size = {**SIZES[mode], **{k: getattr(args, k) for k in ("clients", "requests", "rounds")
                               if getattr(args, k) is not None}}
-    common = {"backend": args.backend, "threads": args.threads, "log_level": "warning"}
+    # start-up is not measured: export in the server process (isolate_export=False) to start sooner
+    common = {"backend": args.backend, "threads": args.threads, "log_level": "warning", "isolate_export": False}
     variants = {"batched": ServeConfig(**common, port=free_port()),  # podium serve's defaults
                 "batch1": ServeConfig(**common, port=free_port(), max_batch_size=1, batch_timeout=0.0)}
 

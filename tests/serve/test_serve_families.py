@@ -66,7 +66,7 @@ def test_segmentation_onnx_parity_and_served_masks_equal_predict(seg_run, tmp_pa
 
     csv_path = predict(run_dir, images, tmp_path / "pred.csv")
     expected = {Path(r["id"]).name: r for r in csv.DictReader(csv_path.open())}
-    with ServerProcess(run_dir, ServeConfig(port=free_port(), threads=1, log_level="warning"), env=CHILD_ENV) as server:
+    with ServerProcess(run_dir, ServeConfig(port=free_port(), threads=1, log_level="warning", isolate_export=False), env=CHILD_ENV) as server:
         url = server.wait_until_healthy() + "/predict"
         for image in images:
             response = requests.post(url, files={"image": (image.name, image.read_bytes())})
@@ -107,7 +107,7 @@ def test_landmark_served_points_equal_predict(landmark_run, tmp_path):
     run_dir, images = landmark_run
     csv_path = predict(run_dir, images, tmp_path / "points.csv")
     expected = {Path(r["id"]).name: r for r in csv.DictReader(csv_path.open())}
-    with ServerProcess(run_dir, ServeConfig(port=free_port(), threads=1, log_level="warning"), env=CHILD_ENV) as server:
+    with ServerProcess(run_dir, ServeConfig(port=free_port(), threads=1, log_level="warning", isolate_export=False), env=CHILD_ENV) as server:
         url = server.wait_until_healthy() + "/predict"
         for image in images:
             response = requests.post(url, files={"image": (image.name, image.read_bytes())})
@@ -162,7 +162,7 @@ def test_reconstruction_served_image_equals_predict(recon_run, tmp_path):
     assert (exported / "model.pt").is_file()
     with pytest.raises(UserError, match="torchscript"):
         export_run(recon_run, "onnx", tmp_path / "onnx")
-    with h5py.File(out) as f, ServerProcess(recon_run, ServeConfig(port=free_port(), threads=1, log_level="warning"),
+    with h5py.File(out) as f, ServerProcess(recon_run, ServeConfig(port=free_port(), threads=1, log_level="warning", isolate_export=False),
                                             env=CHILD_ENV) as server:
         url = server.wait_until_healthy() + "/predict"
         for name, path in scans.items():

@@ -89,7 +89,7 @@ def servers(run_dir):
     """{"onnxruntime": url, "torch": url}; both start at once (the ONNX export takes longest)."""
     with contextlib.ExitStack() as stack:
         started = {backend: stack.enter_context(ServerProcess(
-            run_dir, ServeConfig(backend=backend, port=free_port(), threads=1, log_level="warning"), env=CHILD_ENV))
+            run_dir, ServeConfig(backend=backend, port=free_port(), threads=1, log_level="warning", isolate_export=False), env=CHILD_ENV))
             for backend in ("onnxruntime", "torch")}
         yield {backend: server.wait_until_healthy() for backend, server in started.items()}
 
@@ -303,18 +303,18 @@ def test_a_checkpoint_the_server_cannot_load_is_a_user_error_naming_it(run_dir, 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint" * 20)
     with pytest.raises(UserError, match=f"checkpoint {corrupt}"):
-        build_server(run_dir, ServeConfig(checkpoint=str(corrupt)))
+        build_server(run_dir, ServeConfig(checkpoint=str(corrupt), isolate_export=False))
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {"other.weight": torch.zeros(2, 2)}}, foreign)
     for backend in ("onnxruntime", "torch"):
         with pytest.raises(UserError, match=f"checkpoint {foreign} does not fit"):
-            build_server(run_dir, ServeConfig(checkpoint=str(foreign), backend=backend))
+            build_server(run_dir, ServeConfig(checkpoint=str(foreign), backend=backend, isolate_export=False))
     result = CliRunner().invoke(app, ["serve", str(run_dir), "--checkpoint", str(corrupt)])
     assert result.exit_code == 2 and "corrupt.pt" in result.output
 
 
 def test_info_names_the_run_not_its_path(run_dir):
-    server = build_server(run_dir, ServeConfig(checkpoint=str(run_dir / "checkpoints" / "best.pt")))
+    server = build_server(run_dir, ServeConfig(checkpoint=str(run_dir / "checkpoints" / "best.pt"), isolate_export=False))
     assert server.app.state.podium_reader.max_pixels == 4 * 1024 * 1024
     metadata = json.dumps(server.model_metadata)
     assert str(run_dir.parent) not in metadata
@@ -327,7 +327,7 @@ def test_bad_config_and_bad_run_dir_are_user_errors(tmp_path, run_dir):
     with pytest.raises(UserError, match="host"):
         ServeConfig(host="192.168.1.5").validate()
     with pytest.raises(UserError, match="nonexistent.pt does not exist"):
-        build_server(run_dir, ServeConfig(checkpoint="nonexistent"))
+        build_server(run_dir, ServeConfig(checkpoint="nonexistent", isolate_export=False))
     with pytest.raises(UserError, match="not a podium run folder"):
         build_server(tmp_path, ServeConfig())
 
