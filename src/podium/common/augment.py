@@ -42,12 +42,19 @@ _NOT_AUGMENTATIONS = {
 _CONTAINERS = {"Compose", "RandomApply", "RandomChoice", "RandomOrder"}
 
 
+def _podium_transforms() -> dict[str, type]:
+    """podium's own v2 transforms, accepted beside torchvision's."""
+    from podium.common.corruptions import Corrupt
+
+    return {"Corrupt": Corrupt}
+
+
 def augment_choices() -> list[str]:
-    """The torchvision.transforms.v2 class names accepted in `data.augment`."""
+    """The torchvision.transforms.v2 class names (and podium's own) accepted in `data.augment`."""
     return sorted(
-        name
-        for name, obj in vars(v2).items()
-        if inspect.isclass(obj) and issubclass(obj, v2.Transform) and name not in _NOT_AUGMENTATIONS
+        [name for name, obj in vars(v2).items()
+         if inspect.isclass(obj) and issubclass(obj, v2.Transform) and name not in _NOT_AUGMENTATIONS]
+        + list(_podium_transforms())
     )
 
 
@@ -73,10 +80,11 @@ def _build_augmentation(spec: Any, where: str) -> v2.Transform:
             _build_augmentation(sub, f"{where}.transforms[{j}]")
             for j, sub in enumerate(kwargs["transforms"])
         ]
+    cls = _podium_transforms().get(name) or getattr(v2, name)
     try:
-        return getattr(v2, name)(**kwargs)
+        return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        params = ", ".join(p for p in inspect.signature(getattr(v2, name)).parameters if p != "self")
+        params = ", ".join(p for p in inspect.signature(cls).parameters if p != "self")
         raise UserError(f"{where} ({name}): {e}. {name} accepts: {params}.") from None
 
 

@@ -43,7 +43,7 @@ from podium.engine.registry import register
 from podium.common.augment import augment_choices, build_augmentations, plain as _plain  # noqa: F401
 from podium.common.images import load_image  # noqa: F401  (part of this module's API)
 from podium.errors import UserError
-from podium.tasks.classification.corruptions import CorruptedDataset
+from podium.common.corruptions import CorruptedDataset
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,18 @@
-"""Deterministic "document competition" corruptions for robustness test splits.
+"""Deterministic "document competition" corruptions: robustness test splits and training transforms.
 
 Document-image competitions score models on scans that arrive rotated by quarter turns, slightly
-skewed, mirrored, noisy, blurred, too dark or too bright, or with a colour cast. This module
-reproduces those defects so a clean test set can be turned into a corrupted one:
+skewed or in perspective, mirrored, noisy (sensor or photon noise), blurred, too dark or too
+bright, with a colour cast, or JPEG-compressed. This module reproduces those defects so a clean
+test set can be turned into a corrupted one, and so that training sees the same corruptions
+(`Corrupt`, a torchvision v2 transform usable in `data.augment` for every data source):
 
     rng = numpy.random.default_rng([seed, index])
     corrupted = corrupt(image, rng, severity=1.0)           # a random subset of the ops
     corrupted = corrupt(image, rng, ops=["hflip", "noise"])  # exactly these ops, in this order
 
     test_corrupted = CorruptedDataset(raw_test_dataset, seed=1234, transform=eval_transform)
+
+    data.augment: [{name: Corrupt, severity: 1.0, p: 0.8}]   # in a config: train on them too
 
 Everything is deterministic: all randomness comes from the numpy `Generator` passed in (and a
 torch generator seeded from it for the noise), never from the global RNGs, so a corrupted test
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -99,6 +104,39 @@ def _color_shift(x: torch.Tensor, rng, gen, severity: float) -> torch.Tensor:
     return x + torch.as_tensor(offsets, dtype=x.dtype).view(-1, 1, 1)
 
 
+def _perspective(x: torch.Tensor, rng, gen, severity: float) -> torch.Tensor:
+    """A page photographed at an angle: each corner moves inwards by up to 12 % of the side."""
+    h, w = x.shape[-2:]
+    corners = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]
+    moved = [[cx + (1 if cx == 0 else -1) * rng.uniform(0, 0.12) * severity * w,
+              cy + (1 if cy == 0 else -1) * rng.uniform(0, 0.12) * severity * h] for cx, cy in corners]
+    return TF.perspective(x, corners, moved, interpolation=InterpolationMode.BILINEAR, fill=_border_fill(x))
+
+
+def _shot_noise(x: torch.Tensor, rng, gen, severity: float) -> torch.Tensor:
+    """Photon (Poisson) noise: stronger in bright areas, unlike additive Gaussian noise. 15..60
+    photons at full intensity (fewer with higher severity)."""
+    photons = rng.uniform(15.0, 60.0) / max(severity, 1e-3)
+    return torch.poisson(x.clamp(0, 1) * photons, generator=gen) / photons
+
+
+def _jpeg(x: torch.Tensor, rng, gen, severity: float) -> torch.Tensor:
+    """JPEG artefacts (blocking, ringing) at quality 10..50 (lower with severity); images that
+    are neither grey nor RGB pass unchanged (JPEG has no other channel counts)."""
+    import io
+
+    from PIL import Image
+
+    if x.shape[-3] not in (1, 3):
+        return x
+    quality = int(np.clip(round(50 - rng.uniform(0, 40) * severity), 1, 95))
+    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()  # Pillow's codec (torchvision's JPEG I/O is deprecated)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, "JPEG", quality=quality)
+    decoded = np.asarray(Image.open(buffer)).reshape(pixels.shape)
+    return torch.from_numpy(decoded.copy()).permute(2, 0, 1).to(x.dtype) / 255.0
+
+
 def _blur(x: torch.Tensor, rng, gen, severity: float) -> torch.Tensor:
     """Gaussian blur (an out-of-focus scan); the kernel is capped at the image size."""
     sigma = rng.uniform(0.5, 1.5) * severity
@@ -113,10 +151,12 @@ def _blur(x: torch.Tensor, rng, gen, severity: float) -> torch.Tensor:
 
 
 #: The corruptions by name. When several are drawn they are applied in this order: geometry
-#: first, then blur and photometric shifts, and noise last (as a scanner would add it).
+#: first, then blur and photometric shifts, noise (as a sensor adds it), and JPEG compression
+#: last (as a camera or an upload stores the image).
 CORRUPTIONS: dict[str, CorruptionOp] = {
     "rotate90": _rotate90,
     "rotate_small": _rotate_small,
+    "perspective": _perspective,
     "hflip": _hflip,
     "vflip": _vflip,
     "blur": _blur,
@@ -124,7 +164,15 @@ CORRUPTIONS: dict[str, CorruptionOp] = {
     "contrast": _contrast,
     "color_shift": _color_shift,
     "noise": _noise,
+    "shot_noise": _shot_noise,
+    "jpeg": _jpeg,
 }
+#: What `corrupt(ops=None)` draws from: the ops the corrupted test splits were made with. Kept
+#: fixed so that a test split (and every score reported on it) stays the same as ops are added.
+TEST_SPLIT_OPS = ("rotate90", "rotate_small", "hflip", "vflip", "blur", "brightness", "contrast",
+                  "color_shift", "noise")
+#: Ops that move pixels: they would separate an image from its mask or key points.
+GEOMETRIC_OPS = frozenset({"rotate90", "rotate_small", "perspective", "hflip", "vflip"})
 
 
 def corrupt(
@@ -136,7 +184,7 @@ def corrupt(
 ) -> torch.Tensor:
     """Corrupt one C x H x W image (uint8, or float in [0, 1]).
 
-    With `ops=None`, 1..`max_ops` distinct corruptions are drawn from `CORRUPTIONS` and applied
+    With `ops=None`, 1..`max_ops` distinct corruptions are drawn from `TEST_SPLIT_OPS` and applied
     in the table's order; with `ops`, exactly those are applied, in the given order. `severity`
     scales the continuous magnitudes (angles, noise, shifts, blur); flips and quarter turns are
     unaffected. The same `rng` state always gives the same result.
@@ -144,7 +192,7 @@ def corrupt(
     if image.ndim < 3:
         raise ValueError(f"corrupt expects a C x H x W image, got shape {tuple(image.shape)}")
     if ops is None:
-        names = list(CORRUPTIONS)
+        names = list(TEST_SPLIT_OPS)
         k = int(rng.integers(1, min(max_ops, len(names)) + 1))
         chosen = set(rng.choice(len(names), size=k, replace=False).tolist())
         ops = [name for i, name in enumerate(names) if i in chosen]
@@ -230,3 +278,47 @@ class CorruptedDataset(Dataset):
         if self.base is not None and hasattr(self.base, "sample_id"):
             return self.base.sample_id(index)
         return f"corrupted-{index:05d}"
+
+
+class Corrupt(v2.Transform):
+    """The corruptions as a training augmentation (`data.augment: [{name: Corrupt, ...}]`), so
+    a model trains on what the corrupted test set will show it, whatever the data source.
+
+    With probability `p`, 1..`max_ops` distinct ops drawn from `ops` (default: every op in
+    `CORRUPTIONS`) are applied in the table's order at `severity`. The draw comes from torch's
+    global RNG, which podium's loader seeds per sample (seed, epoch, index), so augmentation is
+    reproducible and independent of the number of workers. Images only: a sample that carries a
+    mask or key points is refused when a geometric op is possible (use the v2 geometric
+    transforms there, which move them along).
+    """
+
+    def __init__(self, ops: Sequence[str] | None = None, severity: float = 1.0, p: float = 1.0, max_ops: int = 3):
+        super().__init__()
+        self.ops = list(ops) if ops is not None else list(CORRUPTIONS)
+        unknown = [name for name in self.ops if name not in CORRUPTIONS]
+        if unknown or not self.ops:
+            raise ValueError(f"unknown corruption(s) {unknown or self.ops}; valid: {', '.join(CORRUPTIONS)}")
+        if not 0.0 <= p <= 1.0 or severity < 0 or max_ops < 1:
+            raise ValueError(f"need 0 <= p <= 1, severity >= 0 and max_ops >= 1; got p={p}, "
+                             f"severity={severity}, max_ops={max_ops}")
+        self.severity, self.p, self.max_ops = float(severity), float(p), int(max_ops)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        carried = [type(x).__name__ for x in flat_inputs
+                   if isinstance(x, (tv_tensors.Mask, tv_tensors.KeyPoints, tv_tensors.BoundingBoxes))]
+        if carried and GEOMETRIC_OPS.intersection(self.ops):
+            raise TypeError(f"Corrupt with geometric ops {sorted(GEOMETRIC_OPS.intersection(self.ops))} "
+                            f"would move the image away from its {carried[0]}; give `ops` without them.")
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        if float(torch.rand(1)) >= self.p:
+            return {"ops": []}
+        rng = np.random.default_rng(seed)
+        k = int(rng.integers(1, min(self.max_ops, len(self.ops)) + 1))
+        chosen = set(rng.choice(len(self.ops), size=k, replace=False).tolist())
+        ops = [name for name in CORRUPTIONS if name in {self.ops[i] for i in chosen}]
+        return {"ops": ops, "seed": seed}
+
+    def transform(self, inpt, params: dict):
+        if not params["ops"] or not isinstance(inpt, tv_tensors.Image) and type(inpt) is not torch.Tensor:
+            return inpt  # masks and points pass unchanged (only photometric ops reach them)
+        return corrupt(inpt, np.random.default_rng(params["seed"] + 1), self.severity, ops=params["ops"])

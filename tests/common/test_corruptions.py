@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from podium.tasks.classification.corruptions import CORRUPTIONS, CorruptedDataset, corrupt
+from podium.common.corruptions import CORRUPTIONS, CorruptedDataset, corrupt
 
 
 def _image(dtype=torch.uint8, shape=(3, 16, 16), seed=0):
@@ -107,3 +107,69 @@ def test_corrupted_dataset_wraps_a_dataset_and_applies_the_transform():
     x, y = ds[1]
     assert x.dtype == torch.float32 and type(x) is torch.Tensor and y == 1
     assert ds.sample_id(1) == "base-1" and ds.classes == ["a", "b"] and len(ds) == 2
+
+
+def test_the_corrupted_test_split_is_the_same_as_before_new_ops_were_added():
+    """Sums pinned from the nine-op version: new ops join training, not the test split."""
+    img = _image(shape=(3, 24, 24))
+    sums = [int(corrupt(img, np.random.default_rng([1234, i])).sum()) for i in range(12)]
+    assert sums == [217414, 213197, 241594, 262210, 213087, 213187, 213214, 216855, 227519, 217458,
+                    217254, 217631]
+
+
+def test_jpeg_skips_channel_counts_jpeg_cannot_hold():
+    img = _image(shape=(4, 16, 16))
+    assert torch.equal(corrupt(img, np.random.default_rng(0), ops=["jpeg"]), img)
+
+
+# ---- Corrupt, the training transform --------------------------------------------------------
+
+from podium.common.augment import build_augmentations  # noqa: E402
+from podium.common.corruptions import Corrupt  # noqa: E402
+from podium.errors import UserError  # noqa: E402
+
+
+def test_corrupt_transform_is_reproducible_from_the_torch_seed_and_keeps_the_image_type():
+    t = Corrupt(severity=1.0)
+    img = tv_tensors.Image(_image())
+    torch.manual_seed(5)
+    a = t(img)
+    torch.manual_seed(5)
+    b = t(img)
+    assert isinstance(a, tv_tensors.Image) and a.dtype == torch.uint8 and a.shape == img.shape
+    assert torch.equal(a, b) and not torch.equal(a, img)
+
+
+def test_corrupt_transform_with_p_zero_is_the_identity():
+    img = tv_tensors.Image(_image())
+    assert torch.equal(Corrupt(p=0.0)(img), img)
+
+
+def test_corrupt_transform_refuses_geometric_ops_next_to_a_mask_and_spares_the_mask_otherwise():
+    img, mask = tv_tensors.Image(_image()), tv_tensors.Mask(torch.zeros(16, 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="Mask"):
+        Corrupt()(img, mask)
+    torch.manual_seed(0)
+    out_img, out_mask = Corrupt(ops=["noise", "brightness"])(img, mask)
+    assert torch.equal(out_mask, mask) and not torch.equal(out_img, img)
+
+
+def test_corrupt_is_an_augmentation_in_configs_and_a_bad_entry_names_it():
+    (t,) = build_augmentations([{"name": "Corrupt", "ops": ["jpeg", "perspective"], "p": 0.5}], 3, 16)
+    assert isinstance(t, Corrupt)
+    with pytest.raises(UserError, match=r"data.augment\[0\] \(Corrupt\).*unknown corruption"):
+        build_augmentations([{"name": "Corrupt", "ops": ["smudge"]}], 3, 16)
+
+
+def test_corrupt_reaches_the_training_images_of_a_dataset_from_config():
+    from podium.config import compose
+    from podium.engine import registry
+
+    cfg = compose(["experiment=digits", "data.image_size=16", "+data.augment=[{name: Corrupt, p: 1.0}]"])
+    task = registry.build("task", cfg.task.name, cfg)
+    train = task.build_datasets()["train"]
+    torch.manual_seed(0)
+    a, _ = train[0]
+    torch.manual_seed(1)
+    b, _ = train[0]
+    assert not torch.equal(a, b)  # the corruption is drawn per call
