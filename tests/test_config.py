@@ -202,6 +202,17 @@ def test_load_run_config_errors(run_dir, tmp_path_factory):
         load_run_config(empty)
 
 
+def test_the_engine_reads_run_configs_without_importing_podium_config():
+    """The arrows point cli -> config -> engine: the engine's inference modules load a run's
+    config from `podium.engine.runconfig`; `podium.config` re-exports the same function."""
+    code = ("import sys, podium.engine.session, podium.engine.runcard, podium.engine.runconfig\n"
+            "assert 'podium.config' not in sys.modules, 'the engine imported podium.config'\n"
+            "import podium.config, podium.engine.runconfig as r\n"
+            "assert podium.config.load_run_config is r.load_run_config\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 # ---------------------------------------------------------------------------- CLI
 
 

@@ -201,6 +201,39 @@ def pretrain(
                       f"model.encoder_weights={path}", highlight=False, soft_wrap=True)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def augment(
+    overrides: List[str] = typer.Argument(None, help="Hydra overrides naming the data and its data.augment."),
+    n: int = typer.Option(..., "--n", help="Augmented training images to write."),
+    out: Path = typer.Option(..., "--out", help="New dataset folder (with --preview: a .png grid)."),
+    workers: int = typer.Option(2, help="Loader worker processes that augment and encode in parallel."),
+    preview: bool = typer.Option(False, "--preview", help="Only save a grid PNG of the first --n (at most 64)."),
+):
+    """Materialise an augmented training set as an image folder, with a manifest.
+
+    Example: podium augment experiment=digits '+data.augment=[{name: Corrupt, p: 0.8}]' --n 80000 --out aug/
+
+    Then: podium train experiment=digits data=image_folder data.root=aug/ data.image_size=32
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from podium.config import compose
+    from podium.toolkit.augment import materialise
+
+    console = _console()
+    cfg = compose(overrides or [])
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        manifest = materialise(cfg, n, out, workers=workers, preview=preview, progress=progress)
+    if preview:
+        console.print(f"preview grid: {manifest['preview']}")
+        return
+    console.print(f"written: {out}  ({n} augmented training images from {manifest['sources']['train']}; "
+                  f"splits {', '.join(manifest['sources'])})\nmanifest: {out / 'manifest.json'}\n"
+                  f"train on it: {manifest['use']}", highlight=False, soft_wrap=True)
+
+
 def _is_rank_zero() -> bool:
     import os
 

@@ -18,11 +18,11 @@ import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from podium.engine import registry
+from podium.engine.runconfig import load_run_config  # noqa: F401 - moved to the engine; re-exported
 from podium.engine.schema import ENGINE_GROUPS, TASK_GROUPS, TOP_LEVEL_KEYS
 from podium.errors import UserError
 
@@ -252,50 +252,3 @@ def _check_range(dotted: str, value, rule: str) -> None:
             valid = f"in {rule}" if rule[0] in "[(" else rule
             shown = list(values) if len(values) > 1 or isinstance(value, ListConfig) else value
             raise UserError(f"{dotted}={shown!r} is out of range: it must be {valid}.")
-
-
-def _read_run_config(path: Path) -> DictConfig:
-    """A run's config.yaml as a DictConfig; a file that is not a YAML mapping (a half-copied or
-    hand-edited file) is a UserError naming it. The mapping check goes first because OmegaConf
-    reads a bare word as a key ("just text" -> {"just text": None}) and a list as a ListConfig."""
-    broken = f"{path} is not a valid run config"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-        raise UserError(f"{broken}: invalid YAML{at}: {getattr(err, 'problem', None) or err} "
-                        f"(the run's checkpoints hold a copy under their 'config' key).") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{broken}: cannot read it ({err}).") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{broken}: expected a mapping of config groups (task, data, model, ...), "
-                        f"got {'an empty file' if raw is None else type(raw).__name__}.")
-    try:
-        return OmegaConf.load(path)  # OmegaConf's own YAML rules (e.g. 1e-3 is a float)
-    except Exception as err:  # noqa: BLE001 - e.g. a non-string key OmegaConf refuses
-        raise UserError(f"{broken}: {str(err).splitlines()[0]}") from None
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictConfig:
-    """A run's own resolved config, with optional `key=value` overrides, validated again."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a podium run folder (no config.yaml inside).")
-    cfg = _read_run_config(path)
-    if overrides:
-        for item in overrides:
-            if "=" not in item:
-                raise UserError(f"override '{item}' is not of the form key=value.")
-            key, value = item.split("=", 1)
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-                parent = key.rsplit(".", 1)[0] if "." in key else None
-                node = OmegaConf.select(cfg, parent) if parent else cfg
-                keys = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
-                raise UserError(f"unknown config key '{key}'. Valid keys of {parent or 'the config'}: {keys}.")
-            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
-    try:
-        return validate(cfg)
-    except UserError as err:  # say which file (and overrides) the bad key came from
-        source = f"{path} with overrides {' '.join(overrides)}" if overrides else str(path)
-        raise UserError(f"{source}: {err}") from None

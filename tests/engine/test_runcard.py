@@ -146,3 +146,17 @@ def test_load_model_gives_the_ema_weights_when_the_run_evaluates_with_them(train
     for key, value in averaged.state_dict().items():
         torch.testing.assert_close(value, ema.module.state_dict()[key])
         torch.testing.assert_close(plain.state_dict()[key], data["model"][key])
+
+
+def test_every_command_names_the_checkpoints_a_run_has(trained, tmp_path):
+    """predict, eval, export and serve share `checkpoint_path`: a misnamed checkpoint lists
+    the run's own before anything is built."""
+    with pytest.raises(UserError, match=r"no checkpoint 'epoch3'.*choose one of: best, last"):
+        runcard.checkpoint_path(trained, "epoch3")
+    with pytest.raises(UserError, match=r"checkpoint file .*nowhere\.pt does not exist"):
+        runcard.checkpoint_path(trained, str(tmp_path / "nowhere.pt"))
+    assert runcard.checkpoint_path(trained, "last") == trained / "checkpoints" / "last.pt"
+    write_png(tmp_path / "a.png", 40)
+    result = CliRunner().invoke(app, ["predict", str(trained), str(tmp_path / "a.png"), "--out",
+                                      str(tmp_path / "p.csv"), "--checkpoint", "epoch3"])
+    assert result.exit_code == 2 and "choose one of: best, last" in result.output, result.output

@@ -2,10 +2,9 @@
 
 It holds what the training data taught the run and the config alone cannot tell: class or
 landmark names and their count (the head size), input channels, normalisation, input size or
-window, what the output means. With it and config.yaml, `load_model` and `podium predict` build
-the model from the run folder alone; without it the training dataset is rebuilt to learn the
-head size, which fails when the data is not on disk. (export and serve still set up a Trainer
-with the data; they move to `load_model` next.)
+window, what the output means. With it and config.yaml, `load_model`, `podium predict`, `podium
+export` and `podium serve` build the model from the run folder alone; without it the training
+dataset is rebuilt to learn the head size, which fails when the data is not on disk.
 
     python -c "from podium.engine.runcard import load_model; print(load_model('runs/x')[2])"
 
@@ -94,11 +93,23 @@ def rebuilding_from_data(run_dir: Path):
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    if str(checkpoint).endswith(".pt"):
-        return Path(checkpoint)
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"checkpoint {checkpoint!r}: expected best, last or a path to a .pt file.")
-    return Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
+    """The checkpoint file a command names: best / last (or another name under checkpoints/) ->
+    RUN/checkpoints/<name>.pt; a path ending in .pt is itself. One helper for predict, eval,
+    export and serve, so all refuse a missing or misnamed checkpoint with the same message,
+    naming the checkpoints the run has, before anything slow runs."""
+    checkpoint = str(checkpoint)
+    if checkpoint.endswith(".pt"):
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UserError(f"checkpoint file {path} does not exist.")
+        return path
+    run_dir = Path(run_dir)
+    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    if "/" not in checkpoint and path.is_file():
+        return path
+    names = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
+    raise UserError(f"{run_dir} has no checkpoint {checkpoint!r}: checkpoints/{checkpoint}.pt does not exist; "
+                    f"choose one of: {', '.join(names) or 'none found'}, or give a path to a .pt file.")
 
 
 def _ema_weights(ema_state: dict) -> dict:
@@ -113,9 +124,9 @@ def load_model(run_dir: Path, checkpoint: str = "best", overrides: list[str] | N
     with them (as `podium eval` scores it). The checkpoint's hash is verified and a checkpoint of
     another model is a UserError. `card` is None for a run from before run cards, whose model is
     rebuilt from the training data."""
-    from podium.config import load_run_config  # the engine -> config arrow the issue removes later
-    from podium.engine import registry
     from podium.engine import checkpoint as ckpt
+    from podium.engine import registry
+    from podium.engine.runconfig import load_run_config
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, list(overrides or []))

@@ -211,21 +211,13 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
     return run_dir, metrics
 
 
-def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
-    if checkpoint.endswith(".pt"):
-        return Path(checkpoint)
-    if checkpoint not in ("best", "last"):
-        raise UserError(f"--checkpoint {checkpoint!r}: expected best, last or a path to a .pt file.")
-    return run_dir / "checkpoints" / f"{checkpoint}.pt"
-
-
 def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, checkpoint: str,
                     with_data: bool = True):
     """A Trainer set up for inference on a finished run (its config, one device, the
     checkpoint's weights and EMA): what eval, predict, export and serve share. `with_data=False`
     builds the model from the run card (run.json) without the datasets, when the run has one."""
-    from podium.config import load_run_config
     from podium.engine import checkpoint as ckpt
+    from podium.engine.runconfig import load_run_config
     from podium.engine.trainer import Trainer, _unwrap
 
     cfg = load_run_config(run_dir, overrides)
@@ -233,7 +225,7 @@ def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, check
         cfg.trainer.devices = 1
         cfg.trainer.num_nodes = 1
         cfg.trainer.strategy = "auto"
-    path = _checkpoint_file(Path(run_dir), checkpoint)
+    path = runcard.checkpoint_path(Path(run_dir), checkpoint)
     fabric = make_fabric(cfg.trainer, console)
     data = ckpt.load_checkpoint(path, map_location=fabric.device)  # before the slow set-up
     task = registry.build("task", cfg.task.name, cfg)

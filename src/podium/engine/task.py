@@ -139,6 +139,14 @@ class Task:
         """Write a split's predictions (e.g. probabilities) so ensembles and CV can reuse them."""
         return []
 
+    def score_predictions(self, predictions, split: str) -> dict[str, float]:
+        """Score a saved prediction set (`podium.engine.predictions.PredictionSet`, e.g. an
+        ensemble's) unchanged, from its prediction and truth arrays alone: the same flat metrics
+        `aggregate` gives for the records it was saved from."""
+        from podium.errors import UserError
+
+        raise UserError(f"the {type(self).__name__} cannot score saved predictions yet.")
+
     # ---- outputs --------------------------------------------------------------------------
     def visualize(self, records: list[dict], split: str, out_dir: Path) -> list[Path]:
         """Write plots for a split's records; return the written files."""

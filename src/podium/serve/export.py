@@ -64,34 +64,23 @@ MARKER_FILE = ".podium-export.json"  # what `overwrite` looks for before it repl
 # ---- loading the run ------------------------------------------------------------------------
 
 
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
-    if checkpoint.endswith(".pt"):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise UserError(f"checkpoint file {path} does not exist.")
-        return path
-    path = run_dir / "checkpoints" / f"{checkpoint}.pt"
-    if not path.is_file():
-        names = sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt"))
-        raise UserError(f"{run_dir} has no checkpoint '{checkpoint}' (checkpoints/{checkpoint}.pt); "
-                        f"choose one of: {', '.join(names) or 'none found'}, or give a path to a .pt file.")
-    return path
-
-
 def load_serving_module(run_dir, checkpoint: str = "best", console=None):
-    """(task, module): the run's task and its `serving_module` on CPU in float32, eval mode."""
+    """(task, module): the run's task and its `serving_module` on CPU in float32, eval mode,
+    built from the run folder alone (config.yaml, run.json, the checkpoint): the training data
+    is read only for a run from before run cards, which has no run.json."""
     from rich.console import Console
 
+    from podium.engine.runcard import checkpoint_path
     from podium.engine.session import trainer_for_run
     from podium.engine.trainer import _unwrap
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist.")
-    path = _checkpoint_path(run_dir, checkpoint)
+    path = checkpoint_path(run_dir, checkpoint)
     # Exports are traced on CPU in float32 whatever the run trained on (a GPU, bf16).
     overrides = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-    trainer, _ = trainer_for_run(run_dir, overrides, console or Console(stderr=True), str(path))
+    trainer, _ = trainer_for_run(run_dir, overrides, console or Console(stderr=True), str(path), with_data=False)
     task = trainer.task
     try:
         module = task.serving_module(_unwrap(trainer.eval_model()))

@@ -89,6 +89,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from podium.common.images import decode_image_bytes
+from podium.engine.runcard import checkpoint_path
 from podium.engine.task import Task
 from podium.errors import UserError
 from podium.serve.export import portable_path
@@ -388,12 +389,17 @@ class PodiumAPI(ls.LitAPI):
 
 
 def task_for_run(run_dir: Path) -> Task:
-    """The run's task, built from its own config (no weights)."""
-    from podium.config import load_run_config
+    """The run's task, built from its own config (no weights), with its run card: class names
+    and input shape come from run.json, so the serving hooks need no training data (a run from
+    before run cards still reads them from the data)."""
     from podium.engine import registry
+    from podium.engine.runcard import apply_card
+    from podium.engine.runconfig import load_run_config
 
     cfg = load_run_config(run_dir)
-    return registry.build("task", cfg.task.name, cfg)
+    task = registry.build("task", cfg.task.name, cfg)
+    apply_card(task, run_dir)
+    return task
 
 
 def prepare_model(run_dir: str, backend: str, checkpoint: str) -> bytes | None:
@@ -430,7 +436,7 @@ def load_backend(run_dir: Path, config: ServeConfig, onnx_model: bytes | None = 
     if config.backend == "torch":
         from podium.engine.session import trainer_for_run
 
-        trainer, _ = trainer_for_run(run_dir, [], console, config.checkpoint)
+        trainer, _ = trainer_for_run(run_dir, [], console, config.checkpoint, with_data=False)
         module = trainer.task.serving_module(trainer.eval_model()).eval()
         device = trainer.fabric.device
         if config.threads:  # the trainer's setup may have lowered them
@@ -466,10 +472,7 @@ def build_server(run_dir: str | os.PathLike, config: ServeConfig | None = None) 
     if type(task).serving_preprocess is Task.serving_preprocess:
         raise UserError(f"the {type(task).__name__} does not support serving yet.")
     # Checked here, where it is a clean UserError: in a worker it would only stop the server.
-    checkpoint = Path(config.checkpoint) if config.checkpoint.endswith(".pt") else \
-        run_dir / "checkpoints" / f"{config.checkpoint}.pt"
-    if not checkpoint.is_file():
-        raise UserError(f"checkpoint {checkpoint} does not exist (checkpoint: best, last or a .pt file).")
+    checkpoint_path(run_dir, config.checkpoint)
     spec = task.serving_spec()
     if spec.get("onnx", True) is False and config.backend == "onnxruntime":
         config = replace(config, backend="torch")  # e.g. FFTs: ONNX opset 17 has no export for them

@@ -193,3 +193,21 @@ def test_readout_flip_tta_averages_the_mirrored_pass_in_evaluation_only():
     model.eval()
     served = KspaceToImage(model, readout_flip=True)(batch["masked_kspace"])
     assert torch.allclose(served, averaged, atol=1e-5)
+
+
+def test_saved_volumes_are_referenced_by_a_prediction_manifest(tmp_path, monkeypatch):
+    from podium.engine.predictions import read_predictions
+
+    rng = np.random.default_rng(3)
+    gt = rng.random((3, 16, 16))
+    pred = gt + 0.01
+    t = task()
+    monkeypatch.setattr(t, "build_datasets", lambda: {"val": VolumeDataset(gt, [1.0, 1.0, 1.0])})
+    records = evaluate(t, batches_for(0, 4, gt, pred, [1.0, 1.0, 1.0]))
+    t.aggregate(records, "val")
+    (path,) = t.save_predictions(records, "val", tmp_path / "predictions")
+    saved = read_predictions(tmp_path / "predictions" / "val")
+    assert saved.kind == "volume" and saved.ids == [path.stem]
+    assert saved.manifest["slices"][path.stem] == [0, 1, 2]
+    np.testing.assert_allclose(saved.sample("reconstruction", path.stem), pred, rtol=1e-6)
+    assert not list((tmp_path / "predictions" / "val").glob("*.npy"))  # referenced, not copied

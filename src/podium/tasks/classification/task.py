@@ -44,6 +44,14 @@ class ClassificationTask(Task):
         self.loss_fn = None
 
     # ---- building
+    def build_datasets(self):
+        """The registered datasets; every evaluation split yields (image, label, index) so each
+        record knows its sample id, whatever order ranks gather them in."""
+        if self._datasets is None:
+            datasets = super().build_datasets()
+            self._datasets = {name: ds if name == "train" else WithSampleIndex(ds) for name, ds in datasets.items()}
+        return self._datasets
+
     @property
     def classes(self) -> list[str]:
         if self.card is not None:  # restored from run.json: no training data needed
@@ -96,6 +104,7 @@ class ClassificationTask(Task):
         records = []
         for i in range(len(labels)):
             records.append({"label": int(labels[i]), "probs": probs[i].astype(np.float32),
+                            "index": None if indices is None else int(indices[i]),
                             "image": images[i].float().cpu().numpy() if probs[i].argmax() != labels[i] else None})
         return records
 
@@ -115,18 +124,40 @@ class ClassificationTask(Task):
             metrics["skipped_images"] = float(len(datasets[split].skipped))
         return metrics
 
+    def score_predictions(self, predictions, split):
+        """Metrics of a saved class_probs set (this run's, an ensemble's) from its own arrays."""
+        if predictions.kind != "class_probs" or list(predictions.manifest.get("classes") or []) != self.classes:
+            raise UserError(f"{predictions.folder}: expected class_probs over classes {self.classes}, got "
+                            f"{predictions.kind} over {predictions.manifest.get('classes')}.")
+        return cls_metrics.classification_metrics(np.asarray(predictions.arrays["labels"]),
+                                                  np.asarray(predictions.arrays["probs"]), self.classes)
+
     # ---- outputs
     def save_predictions(self, records, split, out_dir: Path):
+        from podium.engine.predictions import write_predictions
+
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{split}.csv"
         classes = self.classes
+        if all(r.get("index") is not None for r in records):  # dataset order, whatever the ranks
+            records = sorted(records, key=lambda r: r["index"])
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "label", "pred", *[f"prob_{c}" for c in classes]])
             for i, r in enumerate(records):
-                writer.writerow([i, classes[r["label"]], classes[int(r["probs"].argmax())],
-                                 *[f"{p:.6f}" for p in r["probs"]]])
-        return [path]
+                writer.writerow([i if r.get("index") is None else r["index"], classes[r["label"]],
+                                 classes[int(r["probs"].argmax())], *[f"{p:.6f}" for p in r["probs"]]])
+        paths = [path]
+        dataset = self.build_datasets().get(split)
+        if records and dataset is not None and all(r.get("index") is not None for r in records):
+            ids = [dataset.sample_id(r["index"]) for r in records]
+            paths.append(write_predictions(
+                out_dir / split, "class_probs", ids, {"probs": np.stack([r["probs"] for r in records])},
+                truth={"labels": np.array([r["label"] for r in records], dtype=np.int64)},
+                split=split, task="classification", classes=classes,
+                meaning="probs[row, i]: softmax probability of classes[i] for the sample index.csv names; "
+                        "labels: the true class index"))
+        return paths
 
     def visualize(self, records, split, out_dir: Path):
         y_true = np.array([r["label"] for r in records])
@@ -166,7 +197,7 @@ class ClassificationTask(Task):
         if self.card is not None:  # a batch of the card's input shape: no data needed
             size = self.card["input"]["size"]
             return torch.zeros(1, int(self.card["input"]["channels"]), int(size[0]), int(size[1]))
-        image, _ = self.build_datasets()["val"][0]
+        image = self.build_datasets()["val"][0][0]
         return image.unsqueeze(0)
 
     # ---- serving: the eval transform of the data config, softmax inside the exported graph
@@ -201,6 +232,26 @@ class ClassificationTask(Task):
         probs = [float(p) for p in output]
         classes = self.classes
         return {"label": classes[int(np.argmax(probs))], "probabilities": dict(zip(classes, probs))}
+
+
+class WithSampleIndex(torch.utils.data.Dataset):
+    """An evaluation split whose items are (image, label, index); every other attribute
+    (classes, targets, skipped, sample_id...) is the wrapped dataset's."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (unpickling in a loader worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 class SoftmaxOutput(torch.nn.Module):

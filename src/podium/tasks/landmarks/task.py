@@ -227,7 +227,23 @@ class LandmarkTask(Task):
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
-        return [path, table]
+        from podium.engine.predictions import write_predictions
+
+        pred, target, spacing = self._stacked(records)
+        manifest = write_predictions(
+            out_dir / split, "points", [dataset.records[r["index"]].id for r in records], {"points": pred},
+            truth={"target": target, "spacing": spacing}, split=split, task="landmarks", landmarks=names,
+            meaning="points[row, k]: (x, y) of landmarks[k] in original-image pixels (pixel centres at integers); "
+                    "target: the ground truth, NaN where not annotated; spacing: (x, y) mm per pixel")
+        return [path, table, manifest]
+
+    def score_predictions(self, predictions, split):
+        """MRE / SDR of a saved points set (this run's, an ensemble's) from its own arrays."""
+        if predictions.kind != "points" or list(predictions.manifest.get("landmarks") or []) != self.landmark_names:
+            raise UserError(f"{predictions.folder}: expected points of landmarks {self.landmark_names}, got "
+                            f"{predictions.kind} of {predictions.manifest.get('landmarks')}.")
+        arrays = [np.asarray(predictions.arrays[k]) for k in ("points", "target", "spacing")]
+        return lm_metrics.landmark_metrics(lm_metrics.radial_errors_mm(*arrays), names=self.landmark_names)
 
     def visualize(self, records, split, out_dir: Path):
         records = sorted(records, key=lambda r: r["index"])

@@ -99,11 +99,19 @@ class ReconstructionTask(Task):
         return registry.build("model", self.cfg.model.name, self.cfg.model)
 
     def describe(self) -> dict:
-        """The model needs nothing from the data (k-space in, image out at the input's size)."""
+        """The model needs nothing from the data (k-space in, image out at the input's size);
+        `example` is one validation slice's shape and sampling, which export traces (any
+        (coils, H, W) is served)."""
         from podium.engine.runcard import card_header
 
+        sample = self.build_datasets()["val"][0]
+        coils, height, width = (int(n) for n in sample["masked_kspace"].shape[:3])
+        columns = sample["mask"].reshape(-1)
+        example = {"coils": coils, "height": height, "width": width,
+                   "acceleration": max(1, int(round(width / max(1.0, float(columns.sum()))))),
+                   "low_frequencies": int(sample["num_low_frequencies"])}
         return {**card_header(self), "model_kwargs": {},
-                "input": {"kind": "kspace", "channels": 1, "size": None,
+                "input": {"kind": "kspace", "channels": 1, "size": None, "example": example,
                           "layout": "(batch, coils, H, W, 2): real and imaginary parts of undersampled multi-coil k-space",
                           "mask": "the file's sampling mask, else the columns that hold data",
                           "intensity_scale": "1 / max of the zero-filled root-sum-of-squares image",
@@ -222,7 +230,24 @@ class ReconstructionTask(Task):
         written = write_volumes(records, Path(out_dir) / split, lambda vol: self._volume_name(split, vol))
         self.spool.release([r["image_file"] for r in records])
         self._written[split] = written
+        self._write_contract(written, split, Path(out_dir) / split)  # not listed: callers expect the volumes
         return [path for path, _ in written.values()]
+
+    def _write_contract(self, written, split, folder: Path) -> Path:
+        """The prediction manifest beside the HDF5 volumes, which it references in place (a
+        second copy of every volume would double the largest outputs of the run)."""
+        from podium.engine.predictions import write_predictions
+
+        keys = sorted(written)
+        ids = [written[k][0].stem for k in keys]  # <volume>_acc<N>: the file stem
+        return write_predictions(
+            folder, "volume", ids, {},
+            references={"reconstruction": {"files": [written[k][0] for k in keys], "key": "reconstruction"}},
+            split=split, task="reconstruction", acceleration={i: int(k[1]) for i, k in zip(ids, keys)},
+            slices={i: [int(s) for s, _ in sorted(written[k][1].items(), key=lambda item: item[1])]
+                    for i, k in zip(ids, keys)},
+            meaning="reconstruction: per volume and acceleration, the (slices, h, w) magnitude images in the "
+                    "data's own units (HDF5 key `reconstruction`); slices[id]: the dataset slice of each row")
 
     def _images(self, split, record) -> tuple[np.ndarray, np.ndarray]:
         """(target, reconstruction) of one slice in the data's units: the reconstruction from the
@@ -263,8 +288,25 @@ class ReconstructionTask(Task):
         return predict_files(self, model, inputs, Path(out_file), ctx.device)
 
     def example_input(self):
-        sample = self.build_datasets()["val"][0]
-        return (sample["masked_kspace"][None], sample["mask"][None], sample["num_low_frequencies"][None])
+        """(masked k-space (1, coils, H, W, 2), mask (1, 1, 1, W, 1), low frequencies (1,)): a
+        validation slice; from a run card, seeded noise of the card's example shape sampled with
+        its centre block and every acceleration-th column (tracing needs a shape, not an image).
+        A card without `input.example` (written before it) gets 4 coils, 64 x 64, acceleration 4,
+        8 centre columns."""
+        if self.card is None:
+            sample = self.build_datasets()["val"][0]
+            return (sample["masked_kspace"][None], sample["mask"][None], sample["num_low_frequencies"][None])
+        from podium.tasks.reconstruction.masks import center_mask
+
+        default = {"coils": 4, "height": 64, "width": 64, "acceleration": 4, "low_frequencies": 8}
+        shape = {**default, **(self.card.get("input", {}).get("example") or {})}
+        width, low = int(shape["width"]), int(shape["low_frequencies"])
+        columns = center_mask(width, low)
+        columns[::max(1, int(shape["acceleration"]))] = True
+        mask = torch.from_numpy(columns.astype(np.float32)).view(1, 1, 1, -1, 1)
+        noise = torch.randn(1, int(shape["coils"]), int(shape["height"]), width, 2,
+                            generator=torch.Generator().manual_seed(0))
+        return noise * mask, mask, torch.tensor([low])
 
     # ---- serving: undersampled k-space in, image out (see serving.py)
     def serving_decode(self, data: bytes):

@@ -161,11 +161,18 @@ class SegmentationTask(Task):
                                                t.sw_batch_size, t.blend)
 
     def _record(self, probs: torch.Tensor, target: torch.Tensor, index: int) -> dict:
+        # Scored on exactly what predictions/<split>/ saves, so a saved set re-scored by
+        # `score_predictions` gives metrics.json: binary maps in float32 (float16's 3 digits would
+        # tie pixels and move the pooled AUC), multi-class softmax in float16 (scored by argmax;
+        # C x H x W per image would otherwise double the files).
         record = {"index": int(index), "target": target.cpu().numpy().astype(np.int64)}
         if self.num_classes == 2:
             record["prob"] = probs[1].float().cpu().numpy().astype(np.float32)
         else:
-            record["pred"] = probs.argmax(0).cpu().numpy().astype(np.uint8)
+            half = probs.half()
+            record["pred"] = half.argmax(0).cpu().numpy().astype(np.uint8)
+            if self.cfg.task.save_probabilities:  # (C, H, W) per image: kept only when saved
+                record["probs"] = half.cpu().numpy()
         return record
 
     @torch.no_grad()
@@ -217,7 +224,44 @@ class SegmentationTask(Task):
             arrays = {id_: (r[key].astype(np.float16) if key == "prob" else r[key]) for id_, r in zip(ids, records)}
             np.savez_compressed(path, **arrays)
             paths.append(path)
+            paths.append(self._write_contract(records, ids, split, out_dir / split))
         return paths
+
+    def _write_contract(self, records, ids, split, folder: Path) -> Path:
+        from podium.engine.predictions import write_predictions
+
+        binary = self.num_classes == 2
+        probs = [r["prob"].astype(np.float32) if binary else r["probs"] for r in records]
+        # uint8 holds the class ids and the usual ignore label 255 in an eighth of int64's bytes
+        small = all(0 <= r["target"].min() and r["target"].max() < 256 for r in records)
+        targets = [r["target"].astype(np.uint8 if small else np.int32) for r in records]
+        return write_predictions(
+            folder, "mask_probs", ids, {"probs": probs}, truth={"target": targets}, split=split,
+            task="segmentation", classes=self.class_names, ignore_index=int(self.train_set.ignore_index),
+            threshold=float(self.cfg.task.threshold),
+            meaning=("probs: per image, the foreground probability (H, W)" if binary else
+                     "probs: per image, the softmax probabilities (C, H, W) over classes")
+                    + " at the size the image is scored at (data.scale applied), float32 (binary) or float16"
+                    " (multi-class); target: the label map")
+
+    def score_predictions(self, predictions, split):
+        """Dice / IoU / AUC... of a saved mask_probs set (this run's, an ensemble's)."""
+        if predictions.kind != "mask_probs" or list(predictions.manifest.get("classes") or []) != list(self.class_names):
+            raise UserError(f"{predictions.folder}: expected mask_probs over classes {self.class_names}, got "
+                            f"{predictions.kind} over {predictions.manifest.get('classes')}.")
+        records = []
+        for row in range(len(predictions.ids)):
+            probs = np.asarray(predictions.arrays["probs"][row], dtype=np.float32)
+            record = {"index": row, "target": np.asarray(predictions.arrays["target"][row]).astype(np.int64)}
+            if self.num_classes == 2:
+                record["prob"] = probs
+            else:
+                record["pred"] = probs.argmax(0).astype(np.uint8)
+            records.append(record)
+        return seg_metrics.segmentation_metrics(records, num_classes=self.num_classes,
+                                                threshold=self.cfg.task.threshold,
+                                                ignore_index=int(predictions.manifest["ignore_index"]),
+                                                class_names=self.class_names)
 
     def visualize(self, records, split, out_dir: Path):
         from podium.tasks.segmentation import plots
