@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from podium.cli import app
 
-COMMANDS = ["train", "eval", "predict", "doctor", "runs", "ui"]
+COMMANDS = ["train", "eval", "predict", "doctor", "runs", "ui", "augment", "export", "serve"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
