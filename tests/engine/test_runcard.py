@@ -36,16 +36,19 @@ def folder_dataset(root: Path) -> None:
                 write_png(root / split / cls / f"{i}.png", value + i)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished image-folder run whose training data has been deleted."""
-    tmp = tmp_path_factory.mktemp("card")
+def train_without_data(tmp: Path) -> Path:
+    """A finished image-folder run under `tmp` whose training data has been deleted."""
     folder_dataset(tmp / "data")
     run_dir = tmp / "run"
     result = CliRunner().invoke(app, ["train", *FOLDER, f"data.root={tmp / 'data'}", f"run.dir={run_dir}"])
     assert result.exit_code == 0, result.output
     shutil.rmtree(tmp / "data")
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return train_without_data(tmp_path_factory.mktemp("card"))
 
 
 def test_train_writes_the_card(trained):

@@ -19,7 +19,7 @@ from podium.config import compose
 from podium.engine import registry
 from podium.serve.export import load_onnx_session, read_spec
 from podium.serve.server import ServeConfig, build_server, load_backend, task_for_run
-from tests.engine.test_runcard import FOLDER, folder_dataset, write_png
+from tests.engine.test_runcard import train_without_data, write_png
 from tests.tasks.test_run_cards import FAMILIES, FAST
 
 CLASSES = ["cat", "dog", "owl"]
@@ -28,13 +28,7 @@ CLASSES = ["cat", "dog", "owl"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A finished image-folder run whose training data has been deleted."""
-    tmp = tmp_path_factory.mktemp("card-serve")
-    folder_dataset(tmp / "data")
-    run_dir = tmp / "run"
-    result = CliRunner().invoke(app, ["train", *FOLDER, f"data.root={tmp / 'data'}", f"run.dir={run_dir}"])
-    assert result.exit_code == 0, result.output
-    shutil.rmtree(tmp / "data")
-    return run_dir
+    return train_without_data(tmp_path_factory.mktemp("card-serve"))
 
 
 def png_bytes(path: Path, value: int) -> bytes:
