@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from podium.cli import app
 
-COMMANDS = ["train", "eval", "predict", "doctor", "runs", "ui", "augment", "export", "serve"]
+COMMANDS = ["train", "eval", "predict", "doctor", "runs", "ui", "augment", "export", "serve", "ensemble"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

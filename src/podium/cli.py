@@ -299,6 +299,70 @@ def predict(
 
 @app.command()
 @handle_errors
+def ensemble(
+    paths: List[Path] = typer.Argument(..., help="Run folders (their saved predictions), or classification CSVs."),
+    out: Path = typer.Option(..., "--out", help="Folder for run ensembles (predictions/ + ensemble.json); a .csv file for CSVs."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="One weight per member, e.g. 1,2 (normalised)."),
+    how: str = typer.Option("mean", "--how", help="mean | geometric (runs only)."),
+    split: List[str] = typer.Option(None, "--split", help="Splits to ensemble (default: every split all runs saved)."),
+):
+    """Average the saved predictions of several runs (or classification CSVs) and score the result.
+
+    Example: podium ensemble runs/a runs/b --out runs/ens --weights 2,1
+    """
+    from rich.table import Table
+
+    from podium.errors import UserError
+    from podium.toolkit.ensemble import ensemble_csvs, ensemble_runs
+
+    parsed = None
+    if weights:
+        try:
+            parsed = [float(x) for x in weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {weights!r}: expected comma-separated numbers, e.g. 1,2.") from None
+    is_csv = [p.suffix.lower() == ".csv" for p in paths]
+    console = _console()
+    if any(is_csv):
+        if not all(is_csv):
+            raise UserError("give either run folders or .csv files, not both: "
+                            f"{', '.join(str(p) for p, c in zip(paths, is_csv) if not c)} "
+                            f"vs {', '.join(str(p) for p, c in zip(paths, is_csv) if c)}.")
+        if how != "mean" or split:
+            raise UserError("--how and --split apply to run folders; CSVs are averaged (or voted) by id.")
+        report = ensemble_csvs(paths, out, parsed)
+        table = Table(title=f"{report['how']} of {len(paths)} CSVs, {report['rows']} rows")
+        table.add_column("member")
+        table.add_column("weight", justify="right")
+        table.add_column("agrees with ensemble", justify="right")
+        for member, w in zip(report["members"], report["weights"]):
+            table.add_row(member, f"{w:.3f}", f"{report['agreement'][member]:.3f}")
+        console.print(table)
+        console.print(f"written: {out}", highlight=False, soft_wrap=True)
+        return
+    if how not in ("mean", "geometric"):
+        raise UserError(f"--how {how!r}: expected mean or geometric.")
+    report = ensemble_runs(paths, out, parsed, how, split or None)
+    for name, entry in report["splits"].items():
+        metric = entry.get("main_metric")
+        if not entry["ensemble"] or metric is None:
+            console.print(f"{name}: combined ({entry['kind']}); the task does not score saved predictions.")
+            continue
+        table = Table(title=f"{name}: {metric} ({'higher' if entry['mode'] == 'max' else 'lower'} is better)")
+        table.add_column("member")
+        table.add_column("weight", justify="right")
+        table.add_column(metric, justify="right")
+        for (member, scores), w in zip(entry["members"].items(), report["weights"]):
+            table.add_row(member, f"{w:.3f}", f"{scores.get(metric, float('nan')):.4f}")
+        table.add_row("[bold]ensemble[/]", "", f"[bold]{entry['ensemble'][metric]:.4f}[/]")
+        if "gain" in entry:
+            table.add_row("gain over best member", "", f"{entry['gain']:+.4f}")
+        console.print(table)
+    console.print(f"written: {Path(out) / 'ensemble.json'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handle_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder made by `podium train`."),
     format: str = typer.Option("onnx", "--format", help="onnx | torchscript | triton"),
