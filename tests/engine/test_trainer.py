@@ -387,3 +387,19 @@ def test_ema_warmup_follows_the_formula_and_forgets_the_initial_weights():
     assert plain.module.weight.item() == pytest.approx(expected_plain, rel=1e-5)
     # 300 updates: the warmed-up average has forgotten the initial 0, the plain one has not
     assert warm.module.weight.item() > 0.9 and plain.module.weight.item() < 0.3
+
+
+def test_a_checkpoint_whose_ema_does_not_fit_is_a_user_error(tmp_path):
+    from podium.engine.checkpoint import atomic_save
+    from podium.errors import UserError
+
+    run(tmp_path, trainer__ema__enabled=True, trainer__max_epochs=1)
+    path = tmp_path / "checkpoints" / "last.pt"
+    data = load_checkpoint(path)
+    data["ema"] = {"module.other.weight": torch.zeros(2, 2), "n_averaged": torch.tensor(1)}
+    atomic_save(data, path)
+    cfg = make_cfg(tmp_path, trainer__ema__enabled=True)
+    t = Trainer(cfg, ToyAdaptationTask(cfg), tmp_path, make_fabric(cfg.trainer, console=None))
+    t.setup()
+    with pytest.raises(UserError, match=r"last\.pt does not fit this run's model \(EMA weights\)"):
+        t.load(path)

@@ -238,7 +238,8 @@ def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, check
     ckpt.load_model_state(_unwrap(trainer.model), data["model"], path, data,
                           f"task={cfg.task.name} model={cfg.model.name}")
     if trainer.ema is not None and data.get("ema") is not None:
-        trainer.ema.load_state_dict(data["ema"])
+        ckpt.load_model_state(trainer.ema, data["ema"], path, data,
+                              f"task={cfg.task.name} model={cfg.model.name}, EMA weights")
     return trainer, path
 
 

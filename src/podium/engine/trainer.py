@@ -275,7 +275,7 @@ class Trainer:
         if data.get("precision") and hasattr(precision, "load_state_dict"):
             precision.load_state_dict(data["precision"])
         if self.ema is not None and data.get("ema") is not None:
-            self.ema.load_state_dict(data["ema"])
+            ckpt.load_model_state(self.ema, data["ema"], path, data, "EMA weights")
         for name, module in self.aux.items():
             module.load_state_dict(data["aux"][name])
         self.state = TrainState(**data["state"])
@@ -530,7 +530,7 @@ class Trainer:
             data = ckpt.load_checkpoint(best, map_location=self.fabric.device)
             ckpt.load_model_state(_unwrap(self.model), data["model"], best, data)
             if self.ema is not None and data.get("ema") is not None:
-                self.ema.load_state_dict(data["ema"])
+                ckpt.load_model_state(self.ema, data["ema"], best, data, "EMA weights")
             self.evaluated_checkpoint = "best"
         else:
             # e.g. deleted by hand before a resume: say so rather than call these weights "best"
