@@ -82,6 +82,18 @@ def apply_card(task, run_dir: Path) -> dict | None:
     return card
 
 
+def task_for_run(run_dir: Path, overrides: list[str] | None = None):
+    """The run's task built from its own config (no weights, no data read), with its run card
+    applied when it has one: what serving, the toolkit and scoring of saved sets start from."""
+    from podium.engine import registry
+    from podium.engine.runconfig import load_run_config
+
+    cfg = load_run_config(Path(run_dir), list(overrides or []))
+    task = registry.build("task", cfg.task.name, cfg)
+    apply_card(task, run_dir)
+    return task
+
+
 @contextmanager
 def rebuilding_from_data(run_dir: Path):
     """Around building a card-less run's model: a data error says why the data was needed."""

@@ -392,14 +392,9 @@ def task_for_run(run_dir: Path) -> Task:
     """The run's task, built from its own config (no weights), with its run card: class names
     and input shape come from run.json, so the serving hooks need no training data (a run from
     before run cards still reads them from the data)."""
-    from podium.engine import registry
-    from podium.engine.runcard import apply_card
-    from podium.engine.runconfig import load_run_config
+    from podium.engine import runcard
 
-    cfg = load_run_config(run_dir)
-    task = registry.build("task", cfg.task.name, cfg)
-    apply_card(task, run_dir)
-    return task
+    return runcard.task_for_run(run_dir)
 
 
 def prepare_model(run_dir: str, backend: str, checkpoint: str) -> bytes | None:

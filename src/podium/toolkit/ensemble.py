@@ -41,17 +41,11 @@ def _task_name(run_dir: Path) -> str:
 
 def _scoring_task(run_dir: Path):
     """The run's task, ready to score saved sets; None when its family cannot score them."""
-    from podium.engine import registry
-    from podium.engine.runcard import apply_card
-    from podium.engine.runconfig import load_run_config
+    from podium.engine.runcard import task_for_run
     from podium.engine.task import Task
 
-    cfg = load_run_config(run_dir)
-    task = registry.build("task", cfg.task.name, cfg)
-    if type(task).score_predictions is Task.score_predictions:
-        return None
-    apply_card(task, run_dir)
-    return task
+    task = task_for_run(run_dir)
+    return None if type(task).score_predictions is Task.score_predictions else task
 
 
 def main_metric(task, scores: dict) -> tuple[str, str] | None:

@@ -10,10 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from podium.cli import app
-from podium.engine import registry
 from podium.engine.predictions import combine, read_predictions
-from podium.engine.runcard import apply_card
-from podium.engine.runconfig import load_run_config
+from podium.engine.runcard import task_for_run
 from tests.test_e2e_classification import TINY
 
 
@@ -25,15 +23,9 @@ def run_dir(tmp_path_factory):
     return run_dir
 
 
-def run_task(run_dir):
-    task = registry.build("task", "classification", load_run_config(run_dir, []))
-    apply_card(task, run_dir)
-    return task
-
-
 def test_saved_probabilities_reproduce_the_run_metrics(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    task = run_task(run_dir)
+    task = task_for_run(run_dir)
     for split in ("val", "test", "test_corrupted"):
         saved = read_predictions(run_dir / "predictions" / split)
         assert saved.kind == "class_probs" and saved.manifest["classes"] == task.classes
@@ -45,7 +37,7 @@ def test_saved_probabilities_reproduce_the_run_metrics(run_dir):
 
 
 def test_an_ensemble_of_the_run_with_itself_scores_the_same(run_dir):
-    task = run_task(run_dir)
+    task = task_for_run(run_dir)
     saved = read_predictions(run_dir / "predictions" / "test")
     twice = combine([saved, saved], weights=[1, 2])
     np.testing.assert_allclose(twice.arrays["probs"], saved.arrays["probs"], rtol=1e-6)

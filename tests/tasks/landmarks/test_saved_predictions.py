@@ -10,10 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from podium.cli import app
-from podium.engine import registry
 from podium.engine.predictions import read_predictions
-from podium.engine.runcard import apply_card
-from podium.engine.runconfig import load_run_config
+from podium.engine.runcard import task_for_run
 from tests.tasks.landmarks.test_e2e_landmarks import SMALL_UNET, SPACING, K, synth_args
 
 
@@ -27,8 +25,7 @@ def run_dir(tmp_path_factory):
 
 def test_saved_points_reproduce_the_run_metrics(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    task = registry.build("task", "landmarks", load_run_config(run_dir, []))
-    apply_card(task, run_dir)
+    task = task_for_run(run_dir)
     for split in ("val", "test"):
         saved = read_predictions(run_dir / "predictions" / split)
         assert saved.kind == "points" and saved.manifest["landmarks"] == task.landmark_names

@@ -8,10 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from podium.engine import registry
 from podium.engine.predictions import read_predictions
-from podium.engine.runcard import apply_card
-from podium.engine.runconfig import load_run_config
+from podium.engine.runcard import task_for_run
 from tests.tasks.segmentation.test_e2e_segmentation import invoke, synth
 
 
@@ -25,8 +23,7 @@ def run_dir(tmp_path_factory):
 
 def test_saved_mask_probabilities_reproduce_the_run_metrics(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    task = registry.build("task", "segmentation", load_run_config(run_dir, []))
-    apply_card(task, run_dir)
+    task = task_for_run(run_dir)
     for split in ("val", "test"):
         saved = read_predictions(run_dir / "predictions" / split)
         assert saved.kind == "mask_probs" and len(saved.ids) == 2
