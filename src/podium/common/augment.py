@@ -44,9 +44,10 @@ _CONTAINERS = {"Compose", "RandomApply", "RandomChoice", "RandomOrder"}
 
 def _podium_transforms() -> dict[str, type]:
     """podium's own v2 transforms, accepted beside torchvision's."""
+    from podium.common.blend import Blend
     from podium.common.corruptions import Corrupt
 
-    return {"Corrupt": Corrupt}
+    return {"Corrupt": Corrupt, "Blend": Blend}
 
 
 def augment_choices() -> list[str]:
