@@ -81,7 +81,12 @@ def test_digits_split_is_stratified_disjoint_and_ignores_the_run_seed(digit_spli
 def test_digits_items(digit_splits):
     x, y = digit_splits["train"][0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and isinstance(y, int)
-    assert digit_splits["test"].sample_id(42) == "digits-test-0042"
+    # ids are load_digits rows: stable whichever split a sample lands in, unique across splits
+    test = digit_splits["test"]
+    assert test.sample_id(42) == f"digits-{test.source_index[42]:04d}" != "digits-0042"
+    ids = [ds.sample_id(i) for name in ("train", "val", "test") for ds in [digit_splits[name]] for i in range(len(ds))]
+    assert len(set(ids)) == len(ids) == 1797
+    assert digit_splits["test_corrupted"].sample_id(42) == test.sample_id(42)
     assert digit_splits["train"].in_chans == 3
     assert len(digit_splits["train"].targets) == 1168
 

@@ -223,6 +223,7 @@ class TensorImageDataset(Dataset):
         transform: Callable,
         channels: int,
         id_prefix: str,
+        source_index: Sequence[int] | None = None,
     ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 N x C x H x W images, got {images.dtype} {tuple(images.shape)}")
@@ -232,6 +233,9 @@ class TensorImageDataset(Dataset):
         self.transform = transform
         self.in_chans = channels
         self.id_prefix = id_prefix
+        # ids name the sample in its source (e.g. its row in load_digits), not its position in a
+        # split, so that folds, ensembles and diffs of differently split runs line up
+        self.source_index = None if source_index is None else [int(i) for i in source_index]
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -245,7 +249,7 @@ class TensorImageDataset(Dataset):
         return image.as_subclass(torch.Tensor), self.targets[index]
 
     def sample_id(self, index: int) -> str:
-        return f"{self.id_prefix}-{index:04d}"
+        return f"{self.id_prefix}-{index if self.source_index is None else self.source_index[index]:04d}"
 
 
 # ---- shared helpers -----------------------------------------------------------------------
@@ -369,7 +373,7 @@ def digits(cfg: Any, *, seed: int) -> dict[str, Dataset]:
     def split(idx: np.ndarray, name: str, transform: Callable) -> TensorImageDataset:
         t = torch.from_numpy(idx)
         return TensorImageDataset(
-            images[t], labels[idx].tolist(), classes, transform, c.channels, f"digits-{name}"
+            images[t], labels[idx].tolist(), classes, transform, c.channels, "digits", source_index=idx.tolist()
         )
 
     eval_tf = build_transform(c, train=False)
