@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,11 +41,10 @@ def write_png(path: Path, value: int, size=12, mode="RGB"):
     Image.fromarray(arr).convert(mode).save(path)
 
 
-def test_train_eval_predict_runs(tmp_path):
+def test_train_eval_predict_runs(tmp_path, digits_run, digits_train_output):
     runner = CliRunner()
-    run_dir = tmp_path / "run"
-    result = runner.invoke(app, ["train", *TINY, f"run.dir={run_dir}"])
-    assert result.exit_code == 0, result.output
+    # the TINY run of tests/conftest.py (trained once per worker), copied: eval writes into it
+    run_dir = shutil.copytree(digits_run, tmp_path / "run")
     for name in ("config.yaml", "environment.json", "metrics.json", "history.csv", "checkpoints/last.pt",
                  "checkpoints/best.pt", "plots/history.png", "plots/confusion_test_corrupted.png",
                  "plots/misclassified_test.png", "predictions/test.csv"):
@@ -53,7 +53,7 @@ def test_train_eval_predict_runs(tmp_path):
     assert {"val/macro_f1", "test/macro_f1", "test_corrupted/macro_f1", "test/accuracy"} <= set(metrics)
     env = json.loads((run_dir / "environment.json").read_text())
     assert {"git", "packages", "torch_build", "devices"} <= set(env)
-    assert "test_corrupted" in result.output and "macro_f1" in result.output
+    assert "test_corrupted" in digits_train_output and "macro_f1" in digits_train_output
 
     result = runner.invoke(app, ["eval", str(run_dir), "--split", "test"])
     assert result.exit_code == 0, result.output
@@ -236,10 +236,9 @@ def test_bad_data_exits_2_with_a_clear_message(tmp_path, args, expected):
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
-def test_existing_run_is_never_overwritten(tmp_path):
+def test_existing_run_is_never_overwritten(tmp_path, digits_run):
     runner = CliRunner()
-    run_dir = tmp_path / "run"
-    assert runner.invoke(app, ["train", *TINY, f"run.dir={run_dir}"]).exit_code == 0
+    run_dir = shutil.copytree(digits_run, tmp_path / "run")  # a finished TINY run (tests/conftest.py)
     before = (run_dir / "checkpoints/last.pt").read_bytes()
     result = runner.invoke(app, ["train", *TINY, f"run.dir={run_dir}"])
     assert result.exit_code == 2 and "already holds a run" in result.output

@@ -297,6 +297,35 @@ def predict(
     _console().print(f"written: {path}")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def cv(
+    overrides: List[str] = typer.Argument(None, help="Hydra overrides with cv.folds=N (or cv.splits=FILE)."),
+    out: Path = typer.Option(..., "--out", help="CV folder: splits.json, fold_<k>/ runs, predictions/oof, cv.json."),
+    folds_only: bool = typer.Option(False, "--folds-only", "--dry-run", help="Only write OUT/splits.json."),
+):
+    """k-fold cross-validation: stratified (grouped with cv.group_by) folds of the train and val
+    splits, one run per fold, out-of-fold predictions, scores per fold and mean ± std.
+
+    Example: podium cv experiment=digits cv.folds=5 --out runs/cv-digits
+
+    Same folds for another model: podium cv experiment=digits model=timm
+    cv.splits=runs/cv-digits/splits.json --out runs/cv-timm (a rerun skips finished folds)
+    """
+    from podium.config import compose
+    from podium.toolkit.cv import report_table, run_cv
+
+    console = _console()
+    report = run_cv(compose(overrides or []), out, console, folds_only=folds_only)
+    if folds_only:
+        console.print(f"written: {report['splits']}  ({report['folds']} folds of {', '.join(map(str, report['sizes']))} "
+                      f"samples, {report['method']})", highlight=False, soft_wrap=True)
+        return
+    console.print(report_table(report))
+    console.print(f"out-of-fold predictions: {report['oof']['predictions']}\nwritten: {Path(out) / 'cv.json'}",
+                  highlight=False, soft_wrap=True)
+
+
 @app.command()
 @handle_errors
 def ensemble(
@@ -305,10 +334,13 @@ def ensemble(
     weights: Optional[str] = typer.Option(None, "--weights", help="One weight per member, e.g. 1,2 (normalised)."),
     how: str = typer.Option("mean", "--how", help="mean | geometric (runs only)."),
     split: List[str] = typer.Option(None, "--split", help="Splits to ensemble (default: every split all runs saved)."),
+    search: Optional[str] = typer.Option(None, "--search", help="oof: fit the weights on the members' out-of-fold "
+                                         "predictions (podium cv folders), apply them to the other splits."),
 ):
     """Average the saved predictions of several runs (or classification CSVs) and score the result.
 
     Example: podium ensemble runs/a runs/b --out runs/ens --weights 2,1
+    Example: podium ensemble runs/cv_a runs/cv_b --out runs/ens --search oof
     """
     from rich.table import Table
 
@@ -328,8 +360,8 @@ def ensemble(
             raise UserError("give either run folders or .csv files, not both: "
                             f"{', '.join(str(p) for p, c in zip(paths, is_csv) if not c)} "
                             f"vs {', '.join(str(p) for p, c in zip(paths, is_csv) if c)}.")
-        if how != "mean" or split:
-            raise UserError("--how and --split apply to run folders; CSVs are averaged (or voted) by id.")
+        if how != "mean" or split or search:
+            raise UserError("--how, --split and --search apply to run folders; CSVs are averaged (or voted) by id.")
         report = ensemble_csvs(paths, out, parsed)
         table = Table(title=f"{report['how']} of {len(paths)} CSVs, {report['rows']} rows")
         table.add_column("member")
@@ -342,7 +374,9 @@ def ensemble(
         return
     if how not in ("mean", "geometric"):
         raise UserError(f"--how {how!r}: expected mean or geometric.")
-    report = ensemble_runs(paths, out, parsed, how, split or None)
+    report = ensemble_runs(paths, out, parsed, how, split or None, search)
+    if "search" in report:
+        _print_weight_search(console, report["search"])
     for name, entry in report["splits"].items():
         metric = entry.get("main_metric")
         if not entry["ensemble"] or metric is None:
@@ -361,6 +395,114 @@ def ensemble(
     console.print(f"written: {Path(out) / 'ensemble.json'}", highlight=False, soft_wrap=True)
 
 
+def _print_weight_search(console, search: dict) -> None:
+    """The weights `ensemble --search oof` fitted, and the OOF scores of equal vs searched weights."""
+    from rich.table import Table
+
+    scores = [k for k in search["searched"] if k in search["equal"]]
+    table = Table(title=f"weights fitted on out-of-fold predictions only ({search['count']} samples): {search['method']}")
+    table.add_column("member")
+    table.add_column("searched weight", justify="right")
+    for name in scores:
+        table.add_column(f"OOF {name}", justify="right")
+    for (member, member_scores), w in zip(search["members"].items(), search["weights"]):
+        table.add_row(member, f"{w:.3f}", *[f"{member_scores.get(n, float('nan')):.4f}" for n in scores])
+    table.add_row("equal weights", "", *[f"{search['equal'][n]:.4f}" for n in scores])
+    table.add_row("[bold]searched weights[/]", "", *[f"[bold]{search['searched'][n]:.4f}[/]" for n in scores])
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def diff(
+    a: Path = typer.Argument(..., help="Run folder or classification CSV (id,label[,prob_*])."),
+    b: Path = typer.Argument(..., help="Run folder or classification CSV to compare with A."),
+    out: Path = typer.Option(..., "--out", help="Folder for diff.json and diff.png."),
+    split: Optional[str] = typer.Option(None, "--split", help="Saved split of the runs (default: the first common test split)."),
+    top: int = typer.Option(20, "--top", min=1, help="Rows shown in the table."),
+):
+    """Where two models disagree, sample by id: a table, the confusion between them, a PNG grid.
+
+    Example: podium diff runs/a runs/b --split test_corrupted --out runs/diff_ab
+    """
+    from rich.table import Table
+
+    from podium.toolkit.diff import diff as run_diff
+
+    console = _console()
+    report = run_diff(a, b, out, split, top)
+    where = f" on {report['split']}" if report.get("split") else ""
+    if report["kind"] == "class_probs":
+        table = Table(title=f"{report['disagreements']} of {report['count']} samples differ{where} "
+                            f"(agreement {report['agreement']:.3f})")
+        for col in ("id", "A", "B", "truth", "A conf.", "B conf."):
+            table.add_column(col, justify="right" if "conf" in col else "left")
+        for r in report["rows"][:top]:
+            table.add_row(r["id"], r["a"], r["b"], r["truth"] if r["truth"] is not None else "-",
+                          *["-" if c is None else f"{c:.3f}" for c in (r["a_confidence"], r["b_confidence"])])
+        console.print(table)
+        confusion = Table(title="confusion: A's labels (rows) vs B's labels (columns)")
+        confusion.add_column("A \\ B")
+        labels = report["confusion"]["labels"]
+        for label in labels:
+            confusion.add_column(label, justify="right")
+        for label, row in zip(labels, report["confusion"]["matrix"]):
+            confusion.add_row(label, *[str(v) for v in row])
+        console.print(confusion)
+        if "right_on_disagreements" in report:
+            right, acc = report["right_on_disagreements"], report["accuracy"]
+            console.print(f"on the disagreements A is right {right['a']}, B {right['b']}, neither {right['neither']}; "
+                          f"accuracy A {acc['a']:.4f}, B {acc['b']:.4f}")
+    else:
+        metric = report["metric"]
+        table = Table(title=f"{report['kind']}{where}: the {min(top, report['count'])} samples that differ most "
+                            f"(mean {metric} {report['mean']:.4f})")
+        table.add_column("id")
+        for key in [k for k in (report["top"][0] if report["top"] else {}) if k != "id"]:
+            table.add_column(key, justify="right")
+        for r in report["top"]:
+            table.add_row(r["id"], *[f"{v:.4f}" for k, v in r.items() if k != "id"])
+        console.print(table)
+    if report["grid_skipped"]:
+        console.print(f"[yellow]no image grid: {report['grid_skipped']}[/]", highlight=False, soft_wrap=True)
+    written = [str(Path(out) / "diff.json"), *([report["grid"]] if report["grid"] else [])]
+    console.print(f"written: {', '.join(written)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handle_errors
+def audit(
+    run_dir: Path = typer.Argument(..., help="A `podium cv` folder (out-of-fold probabilities) or a run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for audit.json/csv/png (default RUN_DIR/audit)."),
+    top: int = typer.Option(20, "--top", min=1, help="Flagged samples shown (and kept in audit.json)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Saved split to audit (default: oof, else val)."),
+):
+    """The samples most likely mislabelled (cleanlab confident learning on saved probabilities).
+
+    Example: podium audit runs/cv-digits --top 30
+    """
+    from rich.table import Table
+
+    from podium.toolkit.audit import audit as run_audit
+
+    console = _console()
+    report = run_audit(run_dir, out, top, split)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning: {warning}[/]", highlight=False, soft_wrap=True)
+    table = Table(title=f"{report['issues']} likely label issues of {report['count']} samples ({report['split']}), "
+                        f"worst first")
+    for col in ("rank", "id", "given", "suggested", "quality"):
+        table.add_column(col, justify="right" if col in ("rank", "quality") else "left")
+    for r in report["top"]:
+        table.add_row(str(r["rank"]), r["id"], r["given"], r["suggested"], f"{r['quality']:.3f}")
+    console.print(table)
+    if report["grid_skipped"]:
+        console.print(f"[yellow]no image grid: {report['grid_skipped']}[/]", highlight=False, soft_wrap=True)
+    out_dir = Path(report["csv"]).parent
+    written = [str(out_dir / "audit.json"), report["csv"], *([report["grid"]] if report["grid"] else [])]
+    console.print(f"written: {', '.join(written)}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @handle_errors
 def export(
@@ -373,6 +515,8 @@ def export(
     max_queue_delay_us: int = typer.Option(5000, help="triton: dynamic_batching max_queue_delay_microseconds."),
     instances: int = typer.Option(1, help="triton: instance_group count."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export."),
+    override: List[str] = typer.Option(None, "--override", "-o",
+                                       help="Override of the run's config, e.g. tta=flips (repeatable)."),
 ):
     """Export a run's model with its pre/post-processing spec (preprocess.json).
 
@@ -384,7 +528,7 @@ def export(
     console = _console()
     path = export_run(existing_run_dir(run_dir), format, out, checkpoint=checkpoint, opset=opset,
                       max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                      instances=instances, overwrite=overwrite, console=console)
+                      instances=instances, overwrite=overwrite, console=console, overrides=override or [])
     console.print(f"exported ({format}): {path}")
 
 
@@ -403,6 +547,8 @@ def serve(
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels",
                                              help="Largest image accepted, in pixels, checked before decoding "
                                                   "(default: 64x the model's input area, at least 4 M)."),
+    override: List[str] = typer.Option(None, "--override", "-o",
+                                       help="Override of the run's config, e.g. tta=flips (repeatable)."),
 ):
     """Serve a run over HTTP (LitServe): POST /predict with an image, GET /health, GET /info.
 
@@ -414,7 +560,8 @@ def serve(
 
     config = ServeConfig(backend=backend, max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          host=host, port=port, max_request_bytes=int(max_request_mb * 2**20),
-                         checkpoint=checkpoint, threads=threads, max_pixels=max_pixels)
+                         checkpoint=checkpoint, threads=threads, max_pixels=max_pixels,
+                         overrides=tuple(override or ()))
     run_server(existing_run_dir(run_dir), config)
 
 

@@ -38,6 +38,8 @@ CHOICES = {
     "tracking.backend": ("mlflow", "none"),
     "trainer.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),
     "trainer.precision": ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+    "tta": ("none", "flips", "d4", "scales"),  # podium.engine.tta.VIEW_SETS
+    "tta_merge": ("mean", "geometric"),  # podium.engine.tta.MERGES
 }
 
 # Numbers with a valid interval, checked beside CHOICES: a batch size of 0 or a negative epoch
@@ -74,6 +76,9 @@ RANGES = {
     "sched.gamma": "> 0",
     "sched.step_size": ">= 1",
     "tracking.timeout_s": "> 0",
+    "cv.folds": ">= 0",  # 0: off
+    "cv.fold": ">= 0",
+    "tta_scales": "> 0",  # each factor
 }
 
 

@@ -38,11 +38,8 @@ def tracked(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("plain")
-    result = invoke("train", *TINY, "tracking=none", f"run.dir={root / 'run'}")
-    assert result.exit_code == 0, result.output
-    return root / "run"
+def finished(digits_run) -> Path:
+    return digits_run  # tests/conftest.py: TINY with tracking=none, trained once per worker; tests use `copy`
 
 
 @pytest.fixture

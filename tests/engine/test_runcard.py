@@ -47,8 +47,8 @@ def train_without_data(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    return train_without_data(tmp_path_factory.mktemp("card"))
+def trained(card_run) -> Path:
+    return card_run  # tests/conftest.py: train_without_data, trained once per worker (read only)
 
 
 def test_train_writes_the_card(trained):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 
 import numpy as np
 import onnx
@@ -23,17 +24,11 @@ from podium.serve import export as ex
 from podium.serve.export import export_run, load_onnx_session, load_serving_module, parity
 from podium.tasks.classification.task import ClassificationTask
 
-# the flags tests/test_e2e_classification.py uses for a run of a few seconds
-TINY = ["experiment=digits", "data.image_size=16", "model.width=8", "model.blocks=2", "trainer.max_epochs=1",
-        "trainer.num_workers=0", "tracking=none", "trainer.progress_bar=false", "data.augment=[]"]
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("export") / "Digits-Run.1"  # a name Triton needs sanitised
-    result = CliRunner().invoke(app, ["train", *TINY, f"run.dir={run}"])
-    assert result.exit_code == 0, result.output
-    return run
+def run_dir(tmp_path_factory, digits_run):
+    # tests/conftest.py's DIGITS_TINY run, copied under a name Triton needs sanitised
+    return shutil.copytree(digits_run, tmp_path_factory.mktemp("export") / "Digits-Run.1")
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,16 @@ from podium.config import compose
 from podium.engine import registry
 from podium.serve.export import load_onnx_session, read_spec
 from podium.serve.server import ServeConfig, build_server, load_backend, task_for_run
-from tests.engine.test_runcard import train_without_data, write_png
+from tests.engine.test_runcard import write_png
 from tests.tasks.test_run_cards import FAMILIES, FAST
 
 CLASSES = ["cat", "dog", "owl"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished image-folder run whose training data has been deleted."""
-    return train_without_data(tmp_path_factory.mktemp("card-serve"))
+def trained(card_run) -> Path:
+    """A finished image-folder run whose training data has been deleted (tests/conftest.py, read only)."""
+    return card_run
 
 
 def png_bytes(path: Path, value: int) -> bytes:

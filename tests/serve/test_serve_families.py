@@ -137,13 +137,8 @@ def undersampled_kspace(c=4, h=48, w=40, shift=0.0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def recon_run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("recon-serve")
-    run_dir = tmp / "run"
-    train(["experiment=varnet_demo", "data.shape=[48,40]", "data.num_coils=4", "data.train_size=4",
-           "data.val_slices=2", "model.cascades=1", "model.chans=4", "model.sens_chans=2", "model.pools=2",
-           "model.sens_pools=2", f"data.cache_dir={tmp / 'cache'}", *FAST, f"run.dir={run_dir}"])
-    return run_dir
+def recon_run(varnet_run) -> Path:
+    return varnet_run  # tests/conftest.py: 48 x 40, 4 coils, one cascade; read only
 
 
 @pytest.mark.slow

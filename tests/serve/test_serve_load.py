@@ -20,9 +20,12 @@ def _positive(value) -> bool:
 
 
 @pytest.mark.slow
-def test_serve_load_quick_writes_json(tmp_path):
+def test_serve_load_quick_writes_json(tmp_path, digits_run):
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], cwd=tmp_path,
+    # the suite's digits run (tests/conftest.py) instead of the script training its own, and
+    # fewer clients and requests than --quick's 8 x 80 per round: enough for every figure
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--run-dir", str(digits_run), "--clients", "4",
+                           "--requests", "24", "--json", str(out)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "batched" in proc.stdout and "batch1" in proc.stdout  # the table (it wraps in narrow terminals)
@@ -44,3 +47,19 @@ def test_serve_load_quick_writes_json(tmp_path):
     assert budget["images"] == 10 and budget["limit_s"] == 1.0 and isinstance(budget["holds"], bool)
     assert isinstance(data["goal"]["met"], bool)
     assert data["machine"]["cpu_count"] >= 1
+
+
+def test_the_scripts_own_training_flags_compose():
+    """Without --run-dir the serving benchmarks train a digits run; the test above hands them the
+    suite's run instead, so their own flags are checked here (composed and validated, not run)."""
+    import importlib.util
+
+    from podium.config import compose
+
+    for name in ("serve_load", "serve_memory"):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", SCRIPT.parent / f"{name}.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        quick = script.TRAIN_QUICK + script.TRAIN_COMMON if name == "serve_load" else script.TRAIN + script.QUICK
+        cfg = compose(quick)
+        assert cfg.task.name == "classification" and int(cfg.data.image_size) == 16

@@ -16,9 +16,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_memory.py"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads /proc (Linux)")
-def test_serve_memory_quick_writes_json(tmp_path):
+def test_serve_memory_quick_writes_json(tmp_path, digits_run):
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--large", "2", "--json", str(out)],
+    # the suite's 16 x 16 digits run (tests/conftest.py) instead of the script training its own
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--run-dir", str(digits_run), "--large", "2",
+                           "--json", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]

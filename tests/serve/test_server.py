@@ -1,7 +1,7 @@
 """`podium.serve.server`: the served answer equals `podium predict`, bad requests get a 4xx JSON
 error without disturbing their neighbours in a batch, and the server stays healthy.
 
-A tiny digits run is trained once; two servers (ONNX Runtime and PyTorch) start in child
+A tiny digits run (tests/conftest.py `digits_run`) is trained once; two servers (ONNX Runtime and PyTorch) start in child
 processes on free loopback ports, side by side, and are stopped at the end of the module.
 """
 
@@ -40,18 +40,13 @@ from podium.serve.server import (
     task_for_run,
 )
 
-TINY = ["experiment=digits", "data.image_size=16", "model.width=8", "model.blocks=2", "trainer.max_epochs=1",
-        "trainer.num_workers=0", "tracking=none", "trainer.progress_bar=false", "data.augment=[]"]
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOLERANCE = {"torch": 1e-5, "onnxruntime": 1e-4}  # what the issue asks of each backend
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "run"
-    result = CliRunner().invoke(app, ["train", *TINY, f"run.dir={run}"])
-    assert result.exit_code == 0, result.output
-    return run
+def run_dir(digits_run):
+    return digits_run  # tests/conftest.py: the DIGITS_TINY run, trained once per worker (read only)
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -366,3 +361,14 @@ def test_cli_serve_answers_and_refuses_a_non_run(run_dir, images, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "podium", "serve", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_the_server_process_gets_the_config_overrides_as_repeated_options(monkeypatch):
+    from podium.serve import server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda run_dir, config: seen.update(run=run_dir, config=config))
+    server.main(["runs/x", "--overrides=tta=flips", "--overrides=tta_merge=geometric", "--port=8123"])
+    assert seen["config"].overrides == ("tta=flips", "tta_merge=geometric") and seen["config"].port == 8123
+    server.main(["runs/x"])
+    assert seen["config"].overrides == ()

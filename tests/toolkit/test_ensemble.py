@@ -1,5 +1,6 @@
 """`podium ensemble`: runs' saved sets are averaged by id and re-scored with the task; CSVs are
-averaged by id or voted; mismatched members exit 2 naming what differs."""
+averaged by id or voted; mismatched members exit 2 naming what differs; `--search oof` fits the
+weights on out-of-fold sets only and applies them to the other splits. (`runs`: tests/toolkit/conftest.py)"""
 
 from __future__ import annotations
 
@@ -14,27 +15,14 @@ from typer.testing import CliRunner
 
 from podium.cli import app
 from podium.engine import registry
-from podium.engine.predictions import read_predictions
+from podium.engine.predictions import read_predictions, write_predictions
 from podium.engine.runcard import apply_card
 from podium.engine.runconfig import load_run_config
 from podium.errors import UserError
+from podium.toolkit import weights as search
 from podium.toolkit.ensemble import ensemble_runs
-from tests.test_e2e_classification import TINY
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> list[Path]:
-    """Two tiny classification runs that differ by seed (trained once for the module)."""
-    root = tmp_path_factory.mktemp("ens_runs")
-    out = []
-    for seed in (0, 1):
-        run_dir = root / f"seed{seed}"
-        result = runner.invoke(app, ["train", *TINY, f"seed={seed}", f"run.dir={run_dir}"])
-        assert result.exit_code == 0, result.output
-        out.append(run_dir)
-    return out
 
 
 def test_runs_ensemble_is_the_weighted_mean_by_id_and_scored_like_the_written_set(runs, tmp_path):
@@ -147,3 +135,78 @@ def test_csvs_with_other_ids_or_classes_exit_2_naming_the_files(tmp_path):
         text = " ".join(result.output.split())
         for word in [a.name, other.name, *words]:
             assert word in text, (word, result.output)
+
+
+# ---- weights searched on out-of-fold predictions ----------------------------------------------------
+
+
+def test_log_loss_search_matches_a_brute_force_grid_and_stays_on_the_simplex():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 300)
+    good = rng.dirichlet(np.ones(4), 300) + 2.0 * np.eye(4)[labels]
+    good /= good.sum(1, keepdims=True)
+    noisy = rng.dirichlet(np.ones(4) * 0.5, 300)
+    w = search.search_log_loss([good, noisy], labels)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    P = search.true_class_probs([good, noisy], labels)
+    grid = min(search.log_loss(P, np.array([a, 1 - a])) for a in np.linspace(0, 1, 1001))
+    assert search.log_loss(P, w) <= grid + 1e-6
+    assert search.log_loss(P, w) < search.log_loss(P, np.array([0.5, 0.5]))
+
+
+def test_greedy_selection_finds_the_best_mix_of_counts():
+    w, trace = search.greedy_selection(3, lambda w: -abs(w[0] - 0.75) - abs(w[1] - 0.25) - w[2], "max", steps=12)
+    assert w == pytest.approx([0.75, 0.25, 0.0])
+    assert max(trace) == pytest.approx(0.0)
+    w, _ = search.greedy_selection(2, lambda w: abs(w[0] - 0.5), "min", steps=6)  # minimising works too
+    assert w == pytest.approx([0.5, 0.5])
+
+
+def _cv_member(run: Path, folder: Path, probs: np.ndarray, ids: list[str], labels: np.ndarray, classes) -> Path:
+    """A `podium cv`-like folder: a fold run (config + card), the run's saved splits and an OOF set."""
+    shutil.copytree(run, folder / "fold_0")
+    shutil.copytree(run / "predictions", folder / "predictions")
+    write_predictions(folder / "predictions" / "oof", "class_probs", ids, {"probs": probs.astype(np.float32)},
+                      truth={"labels": labels}, split="oof", task="classification", classes=classes)
+    return folder
+
+
+def test_search_oof_fits_weights_on_oof_only_and_applies_them_to_the_other_splits(runs, tmp_path):
+    val = read_predictions(runs[0] / "predictions" / "val")
+    labels = np.asarray(val.arrays["labels"])
+    classes = val.manifest["classes"]
+    rng = np.random.default_rng(0)
+    good = rng.dirichlet(np.ones(10), len(labels)) + 3.0 * np.eye(10)[labels]
+    good /= good.sum(1, keepdims=True)
+    noisy = rng.dirichlet(np.ones(10), len(labels))
+    members = [_cv_member(r, tmp_path / f"cv{k}", p, val.ids, labels, classes)
+               for k, (r, p) in enumerate(zip(runs, (good, noisy)))]
+    out = tmp_path / "ens"
+    result = runner.invoke(app, ["ensemble", *map(str, members), "--out", str(out), "--search", "oof"])
+    assert result.exit_code == 0, result.output
+    assert "out-of-fold" in result.output and "searched weights" in result.output
+
+    report = json.loads((out / "ensemble.json").read_text())
+    fitted = report["search"]
+    expected = search.search_log_loss([good.astype(np.float32), noisy.astype(np.float32)], labels)
+    assert fitted["weights"] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert report["weights"] == pytest.approx(fitted["weights"]) and fitted["weights"][0] > 0.8
+    assert fitted["searched"]["log_loss"] <= fitted["equal"]["log_loss"]
+    assert {"macro_f1", "log_loss"} <= set(fitted["searched"]) and fitted["main_metric"] == "macro_f1"
+    assert "out-of-fold predictions only" in fitted["fitted_on"]
+    assert "oof" not in report["splits"] and {"test", "val"} <= set(report["splits"])
+    a, b = (read_predictions(r / "predictions" / "test") for r in runs)
+    ens = read_predictions(out / "predictions" / "test")
+    w = fitted["weights"]
+    np.testing.assert_allclose(np.asarray(ens.arrays["probs"]),
+                               w[0] * np.asarray(a.arrays["probs"]) + w[1] * np.asarray(b.arrays["probs"]), atol=1e-5)
+
+
+def test_search_without_oof_or_with_weights_exits_2(runs, tmp_path):
+    result = runner.invoke(app, ["ensemble", *map(str, runs), "--out", str(tmp_path / "e"), "--search", "oof"])
+    assert result.exit_code == 2 and str(runs[0]) in result.output and "oof" in result.output
+    result = runner.invoke(app, ["ensemble", *map(str, runs), "--out", str(tmp_path / "e"), "--search", "oof",
+                                 "--weights", "1,2"])
+    assert result.exit_code == 2 and "not both" in result.output
+    result = runner.invoke(app, ["ensemble", *map(str, runs), "--out", str(tmp_path / "e"), "--search", "test"])
+    assert result.exit_code == 2 and "--search oof" in result.output

@@ -76,6 +76,10 @@ class PredictionSet:
         return str(self.folder) if self.folder is not None else "combined predictions"
 
     def write(self, folder) -> Path:
+        # a combined set reads its members' files lazily: writing over one would delete them first
+        sources = [*self.manifest.get("combined_from", []), *self.manifest.get("concatenated_from", [])]
+        if any(Path(s).resolve() == Path(folder).resolve() for s in sources):
+            raise UserError(f"{folder}: holds one of the sets being combined; write the result to a new folder.")
         meta = {k: v for k, v in self.manifest.items() if k not in ("format", "kind", "count", "index", "arrays")}
         arrays = {n: a for n, a in self.arrays.items() if self.role(n) == "prediction"}
         truth = {n: a for n, a in self.arrays.items() if self.role(n) != "prediction"}
@@ -103,6 +107,22 @@ class _LazyFiles(Sequence):
             with h5py.File(path, "r") as f:
                 return f[self.key][()]
         return np.load(path, mmap_mode="r")
+
+
+class _Reduced(Sequence):
+    """`combine`'s per-sample result, reduced on access from the members' aligned rows: one
+    sample of each member in memory at a time (a set of MRI volumes can exceed memory)."""
+
+    def __init__(self, per_set: list, w: np.ndarray, how: str, kind: str):
+        self.per_set, self.w, self.how, self.kind = per_set, w, how, kind
+
+    def __len__(self):
+        return len(self.per_set[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return _reduce([np.asarray(p[i]) for p in self.per_set], self.w, self.how, self.kind)
 
 
 def _clear_previous(folder: Path) -> None:
@@ -147,7 +167,7 @@ def write_predictions(folder, kind: str, ids: Sequence[str], arrays: dict[str, A
         for name, value in group.items():
             if len(value) != len(ids):
                 raise ValueError(f"{folder}: array {name!r} has {len(value)} rows for {len(ids)} ids")
-            if isinstance(value, (list, tuple, _LazyFiles)):
+            if isinstance(value, (list, tuple, _LazyFiles, _Reduced)):
                 (folder / name).mkdir(exist_ok=True)
                 dtypes = set()
                 for row, a in enumerate(value):
@@ -306,8 +326,7 @@ def combine(sets: Sequence[PredictionSet], weights: Sequence[float] | None = Non
         if "file" in spec:  # stacked: one vectorised reduction, class axis last
             out[name] = _reduce([np.asarray(p) for p in per_set], w, how, first.kind)
         else:
-            out[name] = [_reduce([np.asarray(p[row]) for p in per_set], w, how, first.kind)
-                         for row in range(len(first.ids))]
+            out[name] = _Reduced(per_set, w, how, first.kind)  # lazy: written / scored one sample at a time
     manifest = {k: v for k, v in first.manifest.items() if k != "arrays"}
     manifest["arrays"] = {n: ({k: v for k, v in first.manifest["arrays"][n].items() if k != "files"}
                               | ({"dir": n} if "files" in first.manifest["arrays"][n] else {}))
@@ -321,4 +340,50 @@ def combine(sets: Sequence[PredictionSet], weights: Sequence[float] | None = Non
 def _aligned(values, rows: list[int]):
     if isinstance(values, np.ndarray):
         return values[np.asarray(rows, dtype=np.int64)] if rows else values[:0]
+    if isinstance(values, _LazyFiles):  # stays lazy: files are read when a row is used
+        return _LazyFiles([values.paths[r] for r in rows], values.key)
     return [values[r] for r in rows]
+
+
+def concat(sets: Sequence[PredictionSet]) -> PredictionSet:
+    """The rows of several sets of one kind over disjoint samples, one after the other (the
+    out-of-fold predictions of k CV folds). Same kind, classes / landmarks and arrays required;
+    an id in two sets, or stacked arrays whose per-sample shapes differ, is a UserError."""
+    sets = list(sets)
+    if not sets:
+        raise UserError("nothing to concatenate: no prediction sets given.")
+    first = sets[0]
+    seen: dict[str, str] = {}
+    for s in sets:
+        for key in ("kind", "classes", "landmarks"):
+            if first.manifest.get(key) != s.manifest.get(key):
+                raise UserError(f"cannot concatenate {_name(first)} and {_name(s)}: different {key} "
+                                f"({first.manifest.get(key)!r} vs {s.manifest.get(key)!r}).")
+        if set(first.manifest["arrays"]) != set(s.manifest["arrays"]):
+            raise UserError(f"cannot concatenate {_name(first)} and {_name(s)}: different arrays "
+                            f"({sorted(first.manifest['arrays'])} vs {sorted(s.manifest['arrays'])}).")
+        for id_ in s.ids:
+            if id_ in seen:
+                raise UserError(f"cannot concatenate {seen[id_]} and {_name(s)}: both hold sample {id_!r} "
+                                "(out-of-fold sets must cover disjoint samples).")
+            seen[id_] = _name(s)
+    out: dict[str, Any] = {}
+    for name in first.manifest["arrays"]:
+        parts = [s.arrays[name] for s in sets]
+        if all(isinstance(p, np.ndarray) for p in parts):
+            shapes = {p.shape[1:] for p in parts}
+            if len(shapes) > 1:
+                raise UserError(f"cannot concatenate {name!r}: per-sample shapes differ {sorted(shapes)} "
+                                f"({', '.join(_name(s) for s in sets)}).")
+            out[name] = np.concatenate([np.asarray(p) for p in parts])
+        elif all(isinstance(p, _LazyFiles) for p in parts) and len({p.key for p in parts}) == 1:
+            out[name] = _LazyFiles([path for p in parts for path in p.paths], parts[0].key)  # still lazy
+        else:
+            out[name] = [row for p in parts for row in (p if isinstance(p, np.ndarray) else list(p))]
+    manifest = {k: v for k, v in first.manifest.items() if k not in ("arrays", "count")}
+    manifest["arrays"] = {n: ({k: v for k, v in spec.items() if k not in ("files", "file", "shape")}
+                              | ({"file": f"{n}.npy"} if isinstance(out[n], np.ndarray) else {"dir": n}))
+                          for n, spec in first.manifest["arrays"].items()}
+    manifest["count"] = len(seen)
+    manifest["concatenated_from"] = [_name(s) for s in sets]
+    return PredictionSet(manifest, [i for s in sets for i in s.ids], out, None)

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from podium.engine.schema import TOP_LEVEL_KEYS
 from podium.errors import UserError
 
 
@@ -53,7 +54,8 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictCo
             if "=" not in item:
                 raise UserError(f"override '{item}' is not of the form key=value.")
             key, value = item.split("=", 1)
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+            # a top-level key added since the run was made (tta=...) is valid on an older run
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and key not in TOP_LEVEL_KEYS:
                 parent = key.rsplit(".", 1)[0] if "." in key else None
                 node = OmegaConf.select(cfg, parent) if parent else cfg
                 keys = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""

@@ -106,14 +106,29 @@ class RunConfig:
     dir: Optional[str] = None  # explicit run folder (overrides root/name)
 
 
+@dataclass
+class CVConfig:
+    """k-fold cross-validation (`podium cv`, podium.engine.folds): the train and val splits
+    are pooled, one fold is held out as "val", the rest trains; test splits stay as they are."""
+
+    folds: int = 0  # 0: off; >= 2: the number of folds `podium cv` makes
+    fold: Optional[int] = None  # the fold this run holds out as val (0 .. folds-1); null: no CV
+    group_by: Optional[str] = None  # keep samples sharing this column in one fold (patient, volume...)
+    splits: Optional[str] = None  # a splits.json to reuse (written by `podium cv`); null: made from seed
+    seed: int = 0  # shuffles the folds; independent of the run seed
+
+
 ENGINE_GROUPS = {
     "trainer": TrainerConfig,
     "optim": OptimConfig,
     "sched": SchedConfig,
     "tracking": TrackingConfig,
     "run": RunConfig,
+    "cv": CVConfig,
 }
 
 # Top-level scalar keys beside the groups.
-TOP_LEVEL_KEYS = {"seed": int, "name": str, "resume": str}
+TOP_LEVEL_KEYS = {"seed": int, "name": str, "resume": str,
+                  # test-time augmentation (podium.engine.tta): choices checked in podium.config
+                  "tta": str, "tta_merge": str, "tta_scales": list}
 TASK_GROUPS = ("task", "data", "model", "loss")

@@ -147,6 +147,24 @@ class Task:
 
         raise UserError(f"the {type(self).__name__} cannot score saved predictions yet.")
 
+    # ---- cross-validation (`podium cv`, podium.engine.folds) --------------------------------
+    def cv_keys(self, dataset: Dataset) -> list[dict]:
+        """One key per sample of a train or val split, in dataset order: {"id": the sample id
+        the saved predictions use, "label": a class to stratify on (omit when there is none),
+        any grouping column (e.g. "patient", "volume") that `cv.group_by` may name}."""
+        from podium.errors import UserError
+
+        raise UserError(f"the {type(self).__name__} does not support cross-validation (cv.fold) yet.")
+
+    def cv_subset(self, parts: list[Dataset], picks: list[tuple[int, int]], train: bool) -> Dataset:
+        """A dataset of the picked samples ((part, index in it) over `parts` = [train, val],
+        in pick order) with train augmentation (`train`) or eval preprocessing, of the kind
+        this family's splits are, so that its other hooks (ids, plots, saved predictions) work
+        on it."""
+        from podium.errors import UserError
+
+        raise UserError(f"the {type(self).__name__} does not support cross-validation (cv.fold) yet.")
+
     # ---- outputs --------------------------------------------------------------------------
     def visualize(self, records: list[dict], split: str, out_dir: Path) -> list[Path]:
         """Write plots for a split's records; return the written files."""
@@ -158,6 +176,22 @@ class Task:
 
     def example_input(self) -> torch.Tensor | None:
         """A batch that exercises the model (export, doctor, benchmarks)."""
+        return None
+
+    def sample_image(self, split: str, sample_id: str):
+        """The image of a saved sample, as the model saw it before normalisation: a numpy
+        (H, W) or (H, W, 3) array (uint8 or floats in [0, 1]) for the toolkit's grids (`podium
+        diff`, `podium audit`); None when this family cannot show it. `split` is the saved set's
+        split; an id missing from it (out-of-fold sets pool train and val) is looked up in the
+        others. It may read the training data (a UserError when it is not on disk)."""
+        return None
+
+    # ---- test-time augmentation (`tta=d4|flips|scales`, podium.engine.tta) -----------------
+    def tta_outputs(self) -> dict[str, str] | str | None:
+        """What the model's raw output is, so TTA can map each view's output back and merge it:
+        one kind for a tensor output, {key: kind} for a dict ("class_logits", "mask_logits",
+        "maps", "points", "invariant"; see podium.engine.tta.KINDS). None (the default): the
+        family has no TTA, and asking for it is a UserError naming `tta`."""
         return None
 
     # ---- serving (`podium export`, `podium serve`) -----------------------------------------

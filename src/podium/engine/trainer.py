@@ -124,6 +124,9 @@ class Trainer:
         self.monitor_mode = self.tc.monitor_mode or task.monitor_mode
         if self.monitor_mode not in ("min", "max"):
             raise UserError(f"trainer.monitor_mode={self.monitor_mode!r}: expected 'min' or 'max'.")
+        from podium.engine import tta
+
+        tta.check(cfg, task)  # a tta= the task cannot do fails now, not at the final evaluation
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.saved: dict[str, str] = {}  # checkpoint name -> "epoch E, step S" written by this process
         self.evaluated_checkpoint = "best"  # what final_evaluation scored: "best" or "last weights"
@@ -184,6 +187,12 @@ class Trainer:
         for split in ("train", "val") if data or training else ():
             if split not in self.datasets:
                 raise UserError(f"the dataset has no '{split}' split.")
+        cv_cfg = OmegaConf.select(cfg, "cv")
+        if self.datasets and cv_cfg is not None and cv_cfg.fold is not None:
+            from podium.engine.folds import apply_fold
+
+            # val becomes the held-out fold: the val predictions saved are out-of-fold
+            self.datasets = apply_fold(task, self.datasets, cv_cfg)
         if training:
             self.train_loaders = task.train_loaders(self.datasets, self._make_loader)
             self.primary = next(iter(self.train_loaders))
@@ -282,10 +291,17 @@ class Trainer:
         repro.restore_rng_state(repro.rng_state_from_checkpoint(data["rng"]))
 
     # ------------------------------------------------------------------ evaluation
-    def eval_model(self):
-        if self.ema is not None and self.tc.ema.evaluate_with_ema:
-            return self.ema.module
-        return self.model
+    def eval_model(self, tta: bool = True):
+        """The model evaluation runs: the EMA weights when they are evaluated, wrapped in the
+        config's test-time augmentation (`tta=...`, podium.engine.tta) unless `tta` is False.
+        `podium eval`, `podium predict`, the final evaluation after training, export and serving
+        use TTA; per-epoch validation does not (`validate` asks for tta=False)."""
+        model = self.ema.module if self.ema is not None and self.tc.ema.evaluate_with_ema else self.model
+        if not tta:
+            return model
+        from podium.engine import tta as tta_lib
+
+        return tta_lib.wrap(model, self.cfg, self.task)
 
     def evaluate_loader(self, loader, split: str, model=None) -> tuple[dict, list[dict]]:
         model = model or self.eval_model()
@@ -313,7 +329,7 @@ class Trainer:
 
     def validate(self, train_metrics: dict, rng_state: dict) -> bool:
         """Validate, log, keep best; return True when early stopping says stop."""
-        metrics, _ = self.evaluate_loader(self.val_loader, "val")
+        metrics, _ = self.evaluate_loader(self.val_loader, "val", model=self.eval_model(tta=False))
         row = {"epoch": self.state.epoch, "step": self.state.step,
                "lr": self.optimizer.param_groups[0]["lr"], **train_metrics, **metrics}
         self.state.history.append(row)

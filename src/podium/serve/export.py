@@ -64,12 +64,15 @@ MARKER_FILE = ".podium-export.json"  # what `overwrite` looks for before it repl
 # ---- loading the run ------------------------------------------------------------------------
 
 
-def load_serving_module(run_dir, checkpoint: str = "best", console=None):
+def load_serving_module(run_dir, checkpoint: str = "best", console=None, overrides=None):
     """(task, module): the run's task and its `serving_module` on CPU in float32, eval mode,
     built from the run folder alone (config.yaml, run.json, the checkpoint): the training data
-    is read only for a run from before run cards, which has no run.json."""
+    is read only for a run from before run cards, which has no run.json. The graph includes the
+    run's test-time augmentation (`tta=...` in its config or in `overrides`, e.g. ["tta=flips"]),
+    so a served answer is the one `podium eval` and `podium predict` give."""
     from rich.console import Console
 
+    from podium.engine import tta
     from podium.engine.runcard import checkpoint_path
     from podium.engine.session import trainer_for_run
     from podium.engine.trainer import _unwrap
@@ -79,11 +82,12 @@ def load_serving_module(run_dir, checkpoint: str = "best", console=None):
         raise UserError(f"run folder {run_dir} does not exist.")
     path = checkpoint_path(run_dir, checkpoint)
     # Exports are traced on CPU in float32 whatever the run trained on (a GPU, bf16).
-    overrides = ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+    overrides = ["trainer.accelerator=cpu", "trainer.precision=32-true", *(overrides or [])]
     trainer, _ = trainer_for_run(run_dir, overrides, console or Console(stderr=True), str(path), with_data=False)
     task = trainer.task
     try:
-        module = task.serving_module(_unwrap(trainer.eval_model()))
+        # TTA around the plain model: the views and their inverses are traced into the graph
+        module = task.serving_module(tta.wrap(_unwrap(trainer.eval_model(tta=False)), trainer.cfg, task))
     except NotImplementedError as err:
         raise UserError(f"{err}: it cannot be exported.") from None
     module = module.float().cpu().eval().requires_grad_(False)
@@ -232,10 +236,11 @@ def _atomic_folder(target: Path, overwrite: bool):
 def export_run(run_dir, fmt: str, out_dir, checkpoint: str = "best", opset: int = 17, batch_size_hint: int = 4,
                max_batch_size: int = 8, preferred_batch_sizes=None, max_queue_delay_us: int = 5000,
                instances: int = 1, model_name: str | None = None, instance_kind: str = "cpu",
-               overwrite: bool = False, console=None) -> Path:
+               overwrite: bool = False, console=None, overrides=None) -> Path:
     """Export a run; return the folder holding the model and preprocess.json (`out_dir`, or
     `out_dir/<model_name>` for Triton). `preferred_batch_sizes` None: derived from
-    `max_batch_size` (see `default_preferred_batch_sizes`)."""
+    `max_batch_size` (see `default_preferred_batch_sizes`). `overrides`: of the run's config,
+    e.g. ["tta=flips"] to export with test-time augmentation the run trained without."""
     from podium import __version__
 
     if fmt not in FORMATS:
@@ -257,8 +262,10 @@ def export_run(run_dir, fmt: str, out_dir, checkpoint: str = "best", opset: int 
         target = out_dir / model_name
     _check_target(target, overwrite)  # before the slow part
 
-    task, module = load_serving_module(run_dir, checkpoint, console)
-    spec = task.serving_spec()
+    task, module = load_serving_module(run_dir, checkpoint, console, overrides)
+    from podium.engine import tta
+
+    spec = {**task.serving_spec(), "tta": tta.describe(task.cfg)}
     input_name = spec.get("input", {}).get("name", "image")
     output_name = spec["output"]["name"]
     if fmt != "torchscript" and spec.get("onnx", True) is False:
@@ -282,7 +289,8 @@ def export_run(run_dir, fmt: str, out_dir, checkpoint: str = "best", opset: int 
                 preferred_batch_sizes, max_queue_delay_us, instances, instance_kind))
         info = {**spec, "format": fmt, "opset": written_opset, "checkpoint": portable_path(checkpoint),
                 "podium_version": __version__, "run": run_dir.resolve().name,
-                "exported_from": portable_path(run_dir), "input_name": input_name, "output_name": output_name}
+                "exported_from": portable_path(run_dir), "input_name": input_name, "output_name": output_name,
+                "overrides": list(overrides or [])}
         (tmp / SPEC_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / MARKER_FILE).write_text(json.dumps({"format": fmt, "run": info["run"],
                                                    "podium_version": __version__}) + "\n")
@@ -374,7 +382,8 @@ def parity(exported, inputs, module=None, run_dir=None, checkpoint: str | None =
         run_dir = run_dir or spec["exported_from"]  # relative to the cwd the export ran in
         if not Path(run_dir).is_dir():
             raise UserError(f"the run {run_dir!r} named by {SPEC_FILE} is not a folder here; pass run_dir=.")
-        _, module = load_serving_module(run_dir, checkpoint or spec["checkpoint"])
+        _, module = load_serving_module(run_dir, checkpoint or spec["checkpoint"],
+                                        overrides=spec.get("overrides"))  # e.g. the export's tta=
     with torch.no_grad():
         expected = module(inputs).numpy()
         if path.suffix == ".onnx":

@@ -129,6 +129,7 @@ class ServeConfig:
     # or the PyTorch model (less memory); False starts faster (no second interpreter to import
     # torch into: about 15 s less on a 2-core machine) and suits tests and development
     isolate_export: bool = True
+    overrides: tuple[str, ...] = ()  # of the run's config, e.g. ("tta=flips",): served = eval's answer
 
     def validate(self) -> "ServeConfig":
         problems = []
@@ -397,7 +398,7 @@ def task_for_run(run_dir: Path) -> Task:
     return runcard.task_for_run(run_dir)
 
 
-def prepare_model(run_dir: str, backend: str, checkpoint: str) -> bytes | None:
+def prepare_model(run_dir: str, backend: str, checkpoint: str, overrides: tuple[str, ...] = ()) -> bytes | None:
     """Load the checkpoint once: onnxruntime -> the exported ONNX model's bytes; torch -> None
     (loaded only to check it). Raises UserError naming a checkpoint that cannot be loaded."""
     from rich.console import Console
@@ -406,11 +407,11 @@ def prepare_model(run_dir: str, backend: str, checkpoint: str) -> bytes | None:
 
     console = Console(stderr=True)
     if backend == "torch":
-        load_serving_module(run_dir, checkpoint, console)
+        load_serving_module(run_dir, checkpoint, console, list(overrides))
         return None
     with tempfile.TemporaryDirectory(prefix="podium-serve-") as tmp:
         exported = export_run(run_dir, fmt="onnx", out_dir=Path(tmp) / "onnx", checkpoint=checkpoint,
-                              console=console)
+                              console=console, overrides=list(overrides))
         return (exported / "model.onnx").read_bytes()
 
 
@@ -418,7 +419,8 @@ def prepare_model_in_child(run_dir: Path, config: ServeConfig) -> bytes | None:
     """`prepare_model` in a spawned process that then exits: lightning, the exporter and the
     PyTorch model never stay in the server's memory (its HTTP processes are forks of this one)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(prepare_model, str(run_dir), config.backend, config.checkpoint).result()
+        return pool.submit(prepare_model, str(run_dir), config.backend, config.checkpoint,
+                           tuple(config.overrides)).result()
 
 
 def load_backend(run_dir: Path, config: ServeConfig, onnx_model: bytes | None = None
@@ -431,7 +433,7 @@ def load_backend(run_dir: Path, config: ServeConfig, onnx_model: bytes | None = 
     if config.backend == "torch":
         from podium.engine.session import trainer_for_run
 
-        trainer, _ = trainer_for_run(run_dir, [], console, config.checkpoint, with_data=False)
+        trainer, _ = trainer_for_run(run_dir, list(config.overrides), console, config.checkpoint, with_data=False)
         module = trainer.task.serving_module(trainer.eval_model()).eval()
         device = trainer.fabric.device
         if config.threads:  # the trainer's setup may have lowered them
@@ -446,7 +448,7 @@ def load_backend(run_dir: Path, config: ServeConfig, onnx_model: bytes | None = 
     from podium.serve.export import load_onnx_session
 
     if onnx_model is None:
-        onnx_model = prepare_model(str(run_dir), config.backend, config.checkpoint)
+        onnx_model = prepare_model(str(run_dir), config.backend, config.checkpoint, config.overrides)
     session = load_onnx_session(onnx_model, threads=config.threads)
     input_name = session.get_inputs()[0].name
 
@@ -477,7 +479,7 @@ def build_server(run_dir: str | os.PathLike, config: ServeConfig | None = None) 
         config = replace(config, max_pixels=default_max_pixels(spec))
     # a corrupt or foreign checkpoint: UserError, before any server process starts
     onnx_model = (prepare_model_in_child(run_dir, config) if config.isolate_export
-                  else prepare_model(str(run_dir), config.backend, config.checkpoint))
+                  else prepare_model(str(run_dir), config.backend, config.checkpoint, config.overrides))
     # /info shows names, not the server's folder layout (paths relative to the cwd at most).
     public = {**asdict(config), "checkpoint": portable_path(config.checkpoint)}
     server = ls.LitServer(PodiumAPI(run_dir, config, onnx_model), accelerator="cpu", timeout=REQUEST_TIMEOUT_S,
@@ -522,7 +524,8 @@ class ServerProcess:
 
     def __init__(self, run_dir: str | os.PathLike, config: ServeConfig | None = None, env: dict | None = None):
         config = (config or ServeConfig()).validate()
-        args = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(config).items() if v is not None]
+        args = [f"--{k.replace('_', '-')}={item}" for k, v in asdict(config).items() if v is not None
+                for item in (v if isinstance(v, tuple) else [v])]  # a tuple: the option repeated
         code = "import sys; from podium.serve.server import main; main(sys.argv[1:])"
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir), *args], stdout=self.log,
@@ -590,9 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve a podium run over HTTP.")
     parser.add_argument("run_dir", type=Path)
     for name, value in asdict(defaults).items():
+        if isinstance(value, tuple):  # repeatable: --overrides=tta=flips --overrides=...
+            parser.add_argument("--" + name.replace("_", "-"), action="append", default=[])
+            continue
         kind = int if name in ("threads", "max_pixels") else type(value)
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     args = vars(parser.parse_args(argv))
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     run_dir = args.pop("run_dir")
     try:
         serve(run_dir, ServeConfig(**args))

@@ -3,7 +3,12 @@ and re-scored with the runs' own task) or of classification CSVs (files teammate
 
     from podium.toolkit.ensemble import ensemble_runs, ensemble_csvs
     report = ensemble_runs(["runs/a", "runs/b"], "runs/ens", weights=[2, 1])   # -> runs/ens/ensemble.json
+    ensemble_runs(["runs/cv_a", "runs/cv_b"], "runs/ens", search="oof")       # weights fitted on OOF
     ensemble_csvs(["alice.csv", "bob.csv"], "team.csv")                        # id,label[,prob_...]
+
+Members may be `podium cv` folders (fold runs + predictions/oof): `search="oof"` fits the
+weights on their out-of-fold sets (podium.toolkit.weights says how) and applies them unchanged
+to every other common split.
 
 Task-agnostic: a run's task is built through the registry from its own config and card, and
 only its `score_predictions`, `monitor` and `monitor_mode` are used.
@@ -19,22 +24,20 @@ import numpy as np
 
 from podium.errors import UserError
 
+from podium.toolkit.sources import member_dir, model_run, run_splits
+from podium.toolkit.sources import read_prediction_csv as _read_csv
+
 REPORT = "ensemble.json"
 
 
 # ---- run folders -------------------------------------------------------------------------------
 
 
-def run_splits(run_dir: Path) -> list[str]:
-    """The splits a run saved a prediction set for (folders with a manifest)."""
-    root = Path(run_dir) / "predictions"
-    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
-
-
 def _task_name(run_dir: Path) -> str:
     from podium.engine.runcard import read_card
     from podium.engine.runconfig import load_run_config
 
+    run_dir = model_run(run_dir) or run_dir  # a cv folder: its fold runs' task
     card = read_card(run_dir)
     return str(card["task"]) if card is not None else str(load_run_config(run_dir).task.name)
 
@@ -44,7 +47,7 @@ def _scoring_task(run_dir: Path):
     from podium.engine.runcard import task_for_run
     from podium.engine.task import Task
 
-    task = task_for_run(run_dir)
+    task = task_for_run(model_run(run_dir) or run_dir)
     return None if type(task).score_predictions is Task.score_predictions else task
 
 
@@ -61,13 +64,15 @@ def main_metric(task, scores: dict) -> tuple[str, str] | None:
 
 
 def ensemble_runs(run_dirs: Sequence, out_dir, weights: Sequence[float] | None = None, how: str = "mean",
-                  splits: Sequence[str] | None = None) -> dict:
+                  splits: Sequence[str] | None = None, search: str | None = None) -> dict:
     """Combine the runs' saved prediction sets per split, write them under OUT/predictions/<split>/,
-    score members and ensemble with the first run's task, write OUT/ensemble.json; return it."""
+    score members and ensemble with the first run's task, write OUT/ensemble.json; return it.
+    search="oof": fit the weights on the members' out-of-fold sets (RUN/predictions/oof, which
+    `podium cv` writes) and apply them to every other common split (report["search"])."""
     from podium.engine.predictions import combine, read_predictions
-    from podium.engine.runs import existing_run_dir, write_json
+    from podium.engine.runs import write_json
 
-    runs = [existing_run_dir(r) for r in run_dirs]
+    runs = [member_dir(r) for r in run_dirs]
     if len(runs) < 2:
         raise UserError(f"an ensemble needs at least two runs, got {len(runs)}.")
     out_dir = Path(out_dir)
@@ -80,7 +85,16 @@ def ensemble_runs(run_dirs: Sequence, out_dir, weights: Sequence[float] | None =
         if task != tasks[0]:
             raise UserError(f"cannot ensemble {runs[0]} (task {tasks[0]}) with {run} (task {task}): "
                             "members must be runs of one task.")
+    if search not in (None, "oof"):
+        raise UserError(f"--search {search!r}: the weights are searched on out-of-fold predictions only (--search oof).")
+    if search and weights is not None:
+        raise UserError("give either --weights or --search oof, not both.")
     available = [run_splits(r) for r in runs]
+    scorer = _scoring_task(runs[0])
+    searched = _search_oof(runs, available, scorer, how) if search else None
+    if searched is not None:
+        weights = searched["weights"]
+        available = [[s for s in have if s != "oof"] for have in available]  # the weights were fitted there
     if splits:
         for split in splits:
             for run, have in zip(runs, available):
@@ -94,8 +108,9 @@ def ensemble_runs(run_dirs: Sequence, out_dir, weights: Sequence[float] | None =
             raise UserError("the runs share no saved prediction split: " + "; ".join(
                 f"{r}/predictions: {', '.join(h) or 'none'}" for r, h in zip(runs, available)))
 
-    scorer = _scoring_task(runs[0])
     report = {"members": [str(r) for r in runs], "task": tasks[0], "how": how, "weights": None, "splits": {}}
+    if searched is not None:
+        report["search"] = searched
     for split in chosen:
         sets = [read_predictions(r / "predictions" / split) for r in runs]
         for run, s in zip(runs[1:], sets[1:]):
@@ -131,31 +146,69 @@ def _gain(task, members: dict[str, dict], ensemble: dict) -> dict:
     return {"main_metric": name, "mode": mode, "best_member": best, "gain": gain if mode == "max" else -gain}
 
 
+# ---- weights searched on out-of-fold predictions ---------------------------------------------------
+
+
+def _search_oof(runs: list[Path], available: list[list[str]], scorer, how: str) -> dict:
+    """Fit the members' weights on their OOF sets (podium.toolkit.weights); report the searched
+    and the equal weights' OOF scores: the main metric, and the log-loss for class_probs."""
+    from podium.engine.predictions import combine, read_predictions
+    from podium.toolkit import weights as search
+
+    for run, have in zip(runs, available):
+        if "oof" not in have:
+            raise UserError(f"{run} has no out-of-fold predictions ({run / 'predictions' / 'oof'} is missing; "
+                            f"it has: {', '.join(have) or 'none'}): make the members with `podium cv`.")
+    sets = [read_predictions(r / "predictions" / "oof") for r in runs]
+    equal = combine(sets, None, how)  # also checks the members fit together (kind, ids, truth)
+    first, m = sets[0], len(sets)
+
+    def metric(w) -> tuple[str, str, float] | None:
+        if scorer is None:
+            return None
+        scores = scorer.score_predictions(combine(sets, w, how), "oof")
+        found = main_metric(scorer, scores)
+        return None if found is None else (*found, float(scores[found[0]]))
+
+    report = {"on": "oof", "fitted_on": "out-of-fold predictions only (RUN/predictions/oof); the other splits "
+              "take the weights unchanged, so their scores are not fitted", "count": len(first.ids)}
+    if first.kind == "class_probs" and how == "mean":
+        labels_name = next((n for n in first.arrays if first.role(n) == "truth"), None)
+        probs_name = next((n for n in first.arrays if first.role(n) == "prediction"), None)
+        if labels_name is None or probs_name is None:
+            raise UserError(f"{first.folder}: an OOF set needs the probabilities and the true labels to fit weights.")
+        rows = [[s.row(i) for i in first.ids] for s in sets]
+        probs = [np.asarray(s.arrays[probs_name])[np.asarray(r, dtype=np.int64)] for s, r in zip(sets, rows)]
+        labels = np.asarray(first.arrays[labels_name], dtype=np.int64)
+        w = search.search_log_loss(probs, labels)
+        true_probs = search.true_class_probs(probs, labels)
+        report.update(method="scipy SLSQP on the simplex, equal weights + 5 Dirichlet restarts", objective="log_loss")
+        report["equal"] = {"log_loss": search.log_loss(true_probs, np.full(m, 1.0 / m))}
+        report["searched"] = {"log_loss": search.log_loss(true_probs, w)}
+        report["members"] = {str(r): {"log_loss": search.log_loss(true_probs, np.eye(m)[k])} for k, r in enumerate(runs)}
+    else:
+        if scorer is None:
+            raise UserError(f"the {runs[0]} task cannot score saved predictions, so no weights can be searched "
+                            "for its kind; give --weights.")
+        name, mode, _ = metric(equal.manifest["weights"])
+        w, trace = search.greedy_selection(m, lambda w: metric(w)[2], mode)
+        report.update(method="greedy ensemble selection with replacement (Caruana et al. 2004), 20 steps",
+                      objective=name, mode=mode, trace=trace)
+        report["equal"], report["searched"], report["members"] = {}, {}, {str(r): {} for r in runs}
+    for key, value in (("equal", np.full(m, 1.0 / m)), ("searched", w)):
+        found = metric(value)
+        if found is not None:
+            report[key][found[0]] = found[2]
+            report["main_metric"], report["mode"] = found[0], found[1]
+    for k, r in enumerate(runs):
+        found = metric(np.eye(m)[k])
+        if found is not None:
+            report["members"][str(r)][found[0]] = found[2]
+    report["weights"] = [float(x) for x in w]
+    return report
+
+
 # ---- classification CSVs ---------------------------------------------------------------------------
-
-
-def _read_csv(path: Path) -> tuple[list[str], dict[str, dict]]:
-    """(prob columns, {id: row}) of a predictions CSV with an `id` (or eval's `index`) column."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such CSV file.")
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            fields = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: unreadable CSV ({e}).") from None
-    key = "id" if "id" in fields else "index" if "index" in fields else None
-    probs = [c for c in fields if c.startswith("prob_")]
-    if key is None or (not probs and "label" not in fields):
-        raise UserError(f"{path}: expected columns id,label[,prob_<class>...] (as podium predict writes), "
-                        f"got {','.join(fields) or 'no header'}.")
-    table: dict[str, dict] = {}
-    for n, row in enumerate(rows, start=2):
-        if row[key] in table:
-            raise UserError(f"{path}, line {n}: id {row[key]!r} appears twice.")
-        table[row[key]] = row
-    return probs, table
 
 
 def ensemble_csvs(csv_files: Sequence, out_file, weights: Sequence[float] | None = None) -> dict:

@@ -116,6 +116,22 @@ def test_eval_reproduces_the_test_metrics(synth_run):
     assert evaluated["test/sdr_2mm"] == pytest.approx(metrics["test/sdr_2mm"], abs=1e-9)
 
 
+@pytest.mark.parametrize("overrides", [["tta=flips"], ["tta=scales", "tta_scales=[0.75,1.0]"]])
+def test_eval_with_tta_maps_points_back_to_the_image(synth_run, overrides):
+    """podium.engine.tta on heatmaps: each view's heatmaps go back to the input frame (flips
+    exactly, scales by resizing) before the decode, so the errors stay in the plain run's range."""
+    _, run_dir = synth_run
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--split", "test", *overrides])
+    assert result.exit_code == 0, result.output
+    (folder,) = [p for p in (run_dir / "eval").iterdir()
+                 if json.loads((p / "eval.json").read_text())["overrides"] == overrides]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    plain = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["test/mre_mm"]) and metrics["test/mre_mm"] != plain["test/mre_mm"]
+    # 48 x 40 images at 0.2 mm: a point mapped to the wrong corner would be ~6 mm away
+    assert metrics["test/mre_mm"] < plain["test/mre_mm"] + 3.0
+
+
 def test_predict_writes_px_and_mm_csv_json_and_overlays(synth_run):
     tmp, run_dir = synth_run
     test_dir = generated_split(tmp, "test")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,12 +45,10 @@ def undersampled_kspace(c=4, h=48, w=40) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("recon")
-    run = tmp / "run"
-    result = podium("train", *TINY, f"run.dir={run}", f"data.cache_dir={tmp / 'cache'}")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return run
+def trained(tmp_path_factory, varnet_run):
+    # tests/conftest.py trains this TINY run once per worker (the serving tests read it too);
+    # a copy, since eval writes into the run
+    return shutil.copytree(varnet_run, tmp_path_factory.mktemp("recon") / "run")
 
 
 @pytest.mark.slow

@@ -114,7 +114,8 @@ class VolumeDataset:
     def __getitem__(self, index):
         s = index % 100
         return {"target": torch.from_numpy(self.gt[s] / self.scales[s]).float(),
-                "scale": torch.tensor(self.scales[s], dtype=torch.float64)}
+                "scale": torch.tensor(self.scales[s], dtype=torch.float64),
+                "fg_mask": torch.ones(self.gt.shape[1:])}  # saved with the truth (write_truth)
 
 
 def test_images_are_streamed_to_disk_not_kept_in_the_records(tmp_path, monkeypatch):

@@ -86,6 +86,24 @@ def test_eval_reproduces_the_training_metrics(run):
         assert flat[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
+def test_eval_with_d4_tta_maps_each_windows_masks_back(run):
+    """tta=d4 (podium.engine.tta) turns and flips every sliding window, maps the probabilities
+    back and averages them, on top of the run's own task.tta_flips: the scores stay sane and the
+    saved maps are close to, but not, the plain ones."""
+    result = invoke("eval", run, "--split", "test", "tta=d4")
+    assert result.exit_code == 0, result.output
+    (folder,) = [p for p in (run / "eval").iterdir()
+                 if json.loads((p / "eval.json").read_text())["overrides"] == ["tta=d4"]]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert 0.0 <= metrics["test/dice"] <= 1.0 and 0.0 <= metrics["test/auc_roc"] <= 1.0
+    plain = np.load(run / "predictions" / "test_probabilities.npz")
+    with_tta = np.load(folder / "predictions" / "test_probabilities.npz")
+    for key in plain.files:
+        a, b = plain[key].astype(np.float32), with_tta[key].astype(np.float32)
+        assert a.shape == b.shape and 1e-3 < np.abs(a - b).max()
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5  # the same mask, not a turned one
+
+
 def test_predict_writes_masks_at_the_original_size(run, tmp_path):
     from podium.config import load_run_config
 

@@ -132,6 +132,40 @@ class ClassificationTask(Task):
         return cls_metrics.classification_metrics(np.asarray(predictions.arrays["labels"]),
                                                   np.asarray(predictions.arrays["probs"]), self.classes)
 
+    # ---- cross-validation (podium.engine.folds): stratified on the label; a CSV's other
+    # columns (patient, site...) are grouping columns for cv.group_by
+    def cv_keys(self, dataset):
+        base = getattr(dataset, "dataset", dataset)  # WithSampleIndex wraps the evaluation splits
+        extra = self._csv_columns() if self.cfg.data.name == "csv" else {}
+        return [{**extra.get(base.sample_id(i), {}), "id": base.sample_id(i), "label": int(base.targets[i])}
+                for i in range(len(base))]
+
+    def _csv_columns(self) -> dict[str, dict]:
+        """{path cell (the sample id): the row's other columns} of the train and val CSVs."""
+        c = self.cfg.data
+        out: dict[str, dict] = {}
+        for table in (c.train_csv, c.val_csv):
+            with Path(table).expanduser().open(newline="", encoding="utf-8-sig") as f:
+                for row in csv.DictReader(f):
+                    key = (row.get(c.path_column) or "").strip()
+                    out[key] = {k: v for k, v in row.items() if k not in (c.path_column, c.label_column) and k}
+        return out
+
+    def cv_subset(self, parts, picks, train):
+        import copy
+
+        from podium.engine.folds import PickedSamples
+
+        transform = cls_data.build_transform(self.cfg.data, train=train)
+        views = []
+        for part in parts:
+            view = copy.copy(getattr(part, "dataset", part))  # shares the images / file list
+            view.transform = transform
+            views.append(view)
+        subset = PickedSamples(views, picks)
+        subset.skipped = [s for v in views for s in v.skipped] if train else []
+        return subset if train else WithSampleIndex(subset)
+
     # ---- outputs
     def save_predictions(self, records, split, out_dir: Path):
         from podium.engine.predictions import write_predictions
@@ -199,6 +233,35 @@ class ClassificationTask(Task):
             return torch.zeros(1, int(self.card["input"]["channels"]), int(size[0]), int(size[1]))
         image = self.build_datasets()["val"][0][0]
         return image.unsqueeze(0)
+
+    def sample_image(self, split, sample_id):
+        """The stored pixels of a sample (in-memory sets, image files; never the training
+        augmentation), or for other sets (the corrupted test split) the evaluated image with its
+        normalisation undone, for `podium diff` / `podium audit` grids."""
+        datasets = self.build_datasets()
+        rows = self.__dict__.setdefault("_id_rows", {})  # split -> {sample id: index}, built once
+        for name in [split, *[n for n in datasets if n != split]]:
+            ds = datasets.get(name)
+            if ds is None or not hasattr(ds, "sample_id"):
+                continue
+            if name not in rows:
+                rows[name] = {ds.sample_id(i): i for i in range(len(ds))}
+            index = rows[name].get(sample_id)
+            if index is None:
+                continue
+            base = getattr(ds, "dataset", ds)  # WithSampleIndex wraps the evaluation splits
+            if isinstance(base, cls_data.TensorImageDataset):
+                return base.images[index].permute(1, 2, 0).numpy()
+            if isinstance(base, cls_data.ImageFileDataset):
+                return cls_data.load_image(base.files[index], base.in_chans).permute(1, 2, 0).numpy()
+            mean, std = cls_data._check_common(cls_data._as_config(self.cfg.data, cls_data.ImageDataConfig))
+            image = base[index][0].float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+            return image.clamp(0, 1).permute(1, 2, 0).numpy()
+        return None
+
+    # ---- test-time augmentation: a class does not move with the image (D4, flips, scales)
+    def tta_outputs(self):
+        return "class_logits"
 
     # ---- serving: the eval transform of the data config, softmax inside the exported graph
     def serving_module(self, model):

@@ -245,6 +245,20 @@ class LandmarkTask(Task):
         arrays = [np.asarray(predictions.arrays[k]) for k in ("points", "target", "spacing")]
         return lm_metrics.landmark_metrics(lm_metrics.radial_errors_mm(*arrays), names=self.landmark_names)
 
+    # ---- cross-validation (podium.engine.folds): no label to stratify on; plain k-fold by image
+    def cv_keys(self, dataset):
+        return [{"id": r.id} for r in dataset.records]
+
+    def cv_subset(self, parts, picks, train):
+        from podium.common.structured import as_config
+        from podium.tasks.landmarks.augment import LandmarkAugmentConfig
+        from podium.tasks.landmarks.data import LandmarkDataset, _common_config
+
+        c, first = _common_config(self.cfg.data), parts[0]
+        augment = as_config(self.cfg.data.augment, LandmarkAugmentConfig, "data.augment")
+        return LandmarkDataset([parts[p].records[i] for p, i in picks], first.landmark_names, first.image_size,
+                               first.in_chans, first.cache, augment=augment, train=train, mean=c.mean, std=c.std)
+
     def visualize(self, records, split, out_dir: Path):
         records = sorted(records, key=lambda r: r["index"])
         errors = self._errors(records)
@@ -299,6 +313,13 @@ class LandmarkTask(Task):
             h, w = self.card["input"]["size"]
             return torch.zeros(1, int(self.card["input"]["channels"]), int(h), int(w))
         return self.build_datasets()["val"][0]["image"].unsqueeze(0)
+
+    # ---- test-time augmentation (tta=flips|d4|scales): heatmaps and points mapped back to the
+    # input frame before averaging; it composes with task.tta_shifts / tta_scales. Landmark
+    # names are never swapped: a flipped cephalogram is not a mirror-symmetric anatomy.
+    def tta_outputs(self):
+        return {"heatmaps": "maps", "points": "points", "coarse_points": "points", "mid_points": "points",
+                "sigma": "invariant"}
 
     # ---- serving: points decoded inside the graph, mapped back through the letterbox after
     def serving_module(self, model):

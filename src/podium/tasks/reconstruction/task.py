@@ -230,24 +230,46 @@ class ReconstructionTask(Task):
         written = write_volumes(records, Path(out_dir) / split, lambda vol: self._volume_name(split, vol))
         self.spool.release([r["image_file"] for r in records])
         self._written[split] = written
-        self._write_contract(written, split, Path(out_dir) / split)  # not listed: callers expect the volumes
+        self._write_contract(written, split, Path(out_dir) / split, records)  # not listed: callers expect the volumes
         return [path for path, _ in written.values()]
 
-    def _write_contract(self, written, split, folder: Path) -> Path:
+    def _write_contract(self, written, split, folder: Path, records=None) -> Path:
         """The prediction manifest beside the HDF5 volumes, which it references in place (a
-        second copy of every volume would double the largest outputs of the run)."""
+        second copy of every volume would double the largest outputs of the run). With the
+        records, the truth too (outputs.write_truth, read back from the dataset): target, SSIM
+        data range and foreground per slice, so `score_predictions` scores the set unchanged."""
         from podium.engine.predictions import write_predictions
+        from podium.tasks.reconstruction.outputs import TRUTH_KEYS, write_truth
 
         keys = sorted(written)
         ids = [written[k][0].stem for k in keys]  # <volume>_acc<N>: the file stem
+        references = {"reconstruction": {"files": [written[k][0] for k in keys], "key": "reconstruction"}}
+        extra = {}
+        if records:
+            dataset = self.build_datasets()[split]
+            truth = write_truth(records, written, folder, lambda index: dataset[index])
+            references.update({name: {"files": [truth[k] for k in keys], "key": name, "role": "truth"}
+                               for name in TRUTH_KEYS})
+            anatomy = {(r["volume"], r["acceleration"]): ANATOMIES[int(r["anatomy"])] for r in records}
+            extra["anatomy"] = {i: anatomy[k] for i, k in zip(ids, keys)}
         return write_predictions(
-            folder, "volume", ids, {},
-            references={"reconstruction": {"files": [written[k][0] for k in keys], "key": "reconstruction"}},
+            folder, "volume", ids, {}, references=references,
             split=split, task="reconstruction", acceleration={i: int(k[1]) for i, k in zip(ids, keys)},
             slices={i: [int(s) for s, _ in sorted(written[k][1].items(), key=lambda item: item[1])]
-                    for i, k in zip(ids, keys)},
+                    for i, k in zip(ids, keys)}, **extra,
             meaning="reconstruction: per volume and acceleration, the (slices, h, w) magnitude images in the "
-                    "data's own units (HDF5 key `reconstruction`); slices[id]: the dataset slice of each row")
+                    "data's own units (HDF5 key `reconstruction`); slices[id]: the dataset slice of each row; "
+                    "truth (truth/<id>.h5): target (slices, h, w) in the same units, max_value the SSIM data "
+                    "range of each slice, fg_mask the SNU foreground; anatomy[id] names the group")
+
+    def score_predictions(self, predictions, split):
+        """ssim / nmse / psnr (per group, and the SNU SSIM with `task.snu_metrics`) of a saved
+        volume set (this run's, an ensemble's) from its reconstructions and truth alone: the
+        records `evaluation_step` would make, reduced by `aggregate` (see outputs.slice_records)."""
+        from podium.tasks.reconstruction.data import anatomy_id
+        from podium.tasks.reconstruction.outputs import slice_records
+
+        return self.aggregate(slice_records(predictions, bool(self.cfg.task.snu_metrics), anatomy_id), split)
 
     def _images(self, split, record) -> tuple[np.ndarray, np.ndarray]:
         """(target, reconstruction) of one slice in the data's units: the reconstruction from the
@@ -307,6 +329,14 @@ class ReconstructionTask(Task):
         noise = torch.randn(1, int(shape["coils"]), int(shape["height"]), width, 2,
                             generator=torch.Generator().manual_seed(0))
         return noise * mask, mask, torch.tensor([low])
+
+    # ---- test-time augmentation: none. The input is undersampled multi-coil k-space with its
+    # sampling mask, not an image: an image-space flip or turn is a k-space flip plus a phase
+    # ramp, and a quarter turn makes the column mask a row mask the model never saw.
+    tta_unsupported_reason = "its inputs are undersampled k-space with a column sampling mask, not images"
+
+    def tta_outputs(self):
+        return None
 
     # ---- serving: undersampled k-space in, image out (see serving.py)
     def serving_decode(self, data: bytes):

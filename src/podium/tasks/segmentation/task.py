@@ -263,6 +263,21 @@ class SegmentationTask(Task):
                                                 ignore_index=int(predictions.manifest["ignore_index"]),
                                                 class_names=self.class_names)
 
+    # ---- cross-validation (podium.engine.folds): plain k-fold by image; the preprocessed
+    # arrays are shared, nothing is decoded again
+    def cv_keys(self, dataset):
+        return [{"id": r.id} for r in dataset.records]
+
+    def cv_subset(self, parts, picks, train):
+        from podium.tasks.segmentation.data import SegImageDataset, SegPatchDataset
+
+        first = parts[0]
+        records = [parts[p].records[i] for p, i in picks]
+        prepared = [parts[p].prepared[i] for p, i in picks]
+        if train:
+            return SegPatchDataset(records, first.cfg, first.class_names, first.values, prepared, seed=self.cfg.seed)
+        return SegImageDataset(records, first.cfg, first.class_names, first.values, prepared)
+
     def visualize(self, records, split, out_dir: Path):
         from podium.tasks.segmentation import plots
 
@@ -345,6 +360,11 @@ class SegmentationTask(Task):
             return torch.zeros(1, int(self.card["input"]["channels"]), int(h), int(w))
         image = self.build_datasets()["val"][0]["image"]
         return image.new_zeros(1, image.shape[0], int(h), int(w))
+
+    # ---- test-time augmentation (tta=flips|d4|scales): each window's maps are mapped back, so
+    # it composes with the sliding window and with task.tta_flips (which flips whole images)
+    def tta_outputs(self):
+        return {"logits": "mask_logits", "recon": "maps"}
 
     # ---- serving: the image padded to the window canvas, probabilities inside the graph
     # With task.window at least the image's (scaled) size, MONAI's sliding window is a single
