@@ -381,6 +381,9 @@ def concat(sets: Sequence[PredictionSet]) -> PredictionSet:
         else:
             out[name] = [row for p in parts for row in (p if isinstance(p, np.ndarray) else list(p))]
     manifest = {k: v for k, v in first.manifest.items() if k not in ("arrays", "count")}
+    for key, value in manifest.items():  # per-sample metadata ({id: value}, e.g. acceleration): every set's rows
+        if isinstance(value, dict) and value and set(value) <= set(first.ids):
+            manifest[key] = {i: v for s in sets for i, v in (s.manifest.get(key) or {}).items()}
     manifest["arrays"] = {n: ({k: v for k, v in spec.items() if k not in ("files", "file", "shape")}
                               | ({"file": f"{n}.npy"} if isinstance(out[n], np.ndarray) else {"dir": n}))
                           for n, spec in first.manifest["arrays"].items()}

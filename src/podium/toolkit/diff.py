@@ -195,10 +195,44 @@ def _per_sample(A: Answers, B: Answers, report: dict, top: int, score, metric: s
                    "top": rows[:top], "per_sample": rows})
     if A.kind == "mask_probs":
         report["agreement"] = 1.0 - report["mean"] if values else 1.0
+    if A.kind in ("mask_probs", "points") and ranked:  # on the samples' pictures where a run shows them
+        pictures = _pictures(A, B, ranked[:max_images], maps, name)
+        if pictures is not None:
+            return [(pictures[i], f"{_short(i)}\n{metric} {values[i]:.3f}") for i in ranked[:max_images]]
     shown = [i for i in ranked[:max_images] if maps[i] is not None]
     if not shown:
         return "no per-sample map for this kind of prediction" if A.kind != "mask_probs" else []
     return [(maps[i], f"{_short(i)}\n{metric} {values[i]:.3f}") for i in shown]
+
+
+def _pictures(A: Answers, B: Answers, ids: list[str], maps: dict, name: str) -> dict[str, np.ndarray] | None:
+    """{id: RGB picture (Task.sample_image)} with the pixels where the masks differ in red, or
+    A's points in cyan and B's in orange (saved points are in the picture's pixels); None when
+    neither run shows its samples (the grid then shows the bare disagreement maps)."""
+    from PIL import Image
+
+    images, _ = sample_images(A if A.run_dir is not None else B, ids)
+    if not images and A.run_dir is not None and B.run_dir is not None:
+        images, _ = sample_images(B, ids)
+    if not images:
+        return None
+    out = {}
+    for i in ids:
+        rgb = np.array(Image.fromarray(images[i]).convert("RGB"))
+        h, w = rgb.shape[:2]
+        if maps[i] is not None:
+            differ = np.asarray(Image.fromarray(maps[i]).resize((w, h), Image.NEAREST)) > 0
+            rgb[differ] = (0.3 * rgb[differ] + 0.7 * np.array([255, 0, 0])).astype(np.uint8)
+        else:
+            r = max(1, min(h, w) // 80)
+            for points, colour in ((A.predictions.sample(name, i), (0, 255, 255)),
+                                   (B.predictions.sample(name, i), (255, 128, 0))):
+                for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
+                    if np.isfinite(x) and np.isfinite(y):
+                        x, y = int(round(x)), int(round(y))
+                        rgb[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1] = colour
+        out[i] = rgb
+    return out
 
 
 def _spacing(x: Answers):

@@ -619,3 +619,18 @@ def test_prepare_decoded_equals_prepare_image(tmp_path):
     assert lb_file == lb_bytes
     with pytest.raises(UserError, match="expects uint8"):
         data.prepare_decoded(torch.zeros(3, 10, 10, dtype=torch.uint8), cfg)
+
+
+def test_generated_landmark_ids_are_unique_across_splits_so_folds_can_pool_them(tmp_path):
+    from podium.config import compose
+    from podium.engine import registry
+    from podium.engine.folds import make_folds, pool_keys
+
+    cfg = compose(["experiment=landmarks_synthetic", f"data.root={tmp_path / 'gen'}", f"data.cache_dir={tmp_path / 'c'}"])
+    task = registry.build("task", cfg.task.name, cfg)
+    datasets = task.build_datasets()
+    ids = [ds.sample_id(i) for ds in datasets.values() for i in range(len(ds))]
+    assert len(set(ids)) == len(ids) and datasets["val"].sample_id(0) == "val/0000.png"
+    keys, _ = pool_keys(task, datasets)  # refused before: 0000.png in train and in val
+    folds = make_folds(keys, n_folds=2, seed=0)
+    assert sorted(folds["ids"]["0"] + folds["ids"]["1"]) == sorted(k["id"] for k in keys)

@@ -95,7 +95,7 @@ def test_train_writes_mm_metrics_plots_and_predictions(synth_run):
     names = [f"L{k}" for k in range(K)]
     assert list(rows[0]) == ["id", *[f"{n}_{a}" for n in names for a in ("x", "y")],
                              *[f"{n}_err_mm" for n in names]]
-    assert [r["id"] for r in rows] == ["0000.png", "0001.png", "0002.png"]
+    assert [r["id"] for r in rows] == ["test/0000.png", "test/0001.png", "test/0002.png"]
     table = read_csv(run_dir / "predictions" / "per_landmark_test.csv")
     assert [r["landmark"] for r in table] == names
     assert list(table[0]) == ["landmark", "mre_mm", "std_mm", "sdr_2mm", "sdr_2.5mm", "sdr_3mm", "sdr_4mm",
@@ -157,7 +157,7 @@ def test_predict_writes_px_and_mm_csv_json_and_overlays(synth_run):
     # the same images through the evaluation pipeline (best checkpoint): the same points
     evaluated = {r["id"]: r for r in read_csv(run_dir / "predictions" / "test.csv")}
     for row in rows:
-        ref = evaluated[Path(row["id"]).name]
+        ref = evaluated[f"test/{Path(row['id']).name}"]
         for n in names:
             for a in ("x", "y"):
                 assert float(row[f"{n}_{a}_px"]) == pytest.approx(float(ref[f"{n}_{a}"]), abs=0.02)
@@ -189,7 +189,7 @@ def test_metrics_are_original_image_millimetres(synth_run):
     for k, n in enumerate(names):
         assert metrics[f"test/mre_mm/{n}"] == pytest.approx(err_csv[:, k].mean(), abs=1e-3)
 
-    labels = {r["image_path"]: r for r in read_csv(generated_split(tmp, "test") / "labels.csv")}
+    labels = {f"test/{r['image_path']}": r for r in read_csv(generated_split(tmp, "test") / "labels.csv")}
     assert set(labels) == {r["id"] for r in rows}
     err_labels = np.array([[math.hypot((float(r[f"{n}_x"]) - float(labels[r["id"]][f"{n}_x"])) * SPACING,
                                        (float(r[f"{n}_y"]) - float(labels[r["id"]][f"{n}_y"])) * SPACING)

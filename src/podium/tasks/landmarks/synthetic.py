@@ -20,6 +20,7 @@ offset), each landmark being the exact centre of its blob.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -207,5 +208,7 @@ def synthetic_landmarks(cfg: Any, *, seed: int) -> dict[str, Dataset]:
     splits, names = {}, []
     for split, path in csvs.items():
         records, names = read_landmark_table(path, c.spacing)
-        splits[split] = records
+        # every split names its files 0000.png...: the split makes the ids unique across splits
+        # (cross-validation pools train and val; ensembles and diffs align by id)
+        splits[split] = [dataclasses.replace(r, id=f"{split}/{r.id}") for r in records]
     return make_splits(c, splits, names)

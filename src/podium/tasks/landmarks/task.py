@@ -259,6 +259,26 @@ class LandmarkTask(Task):
         return LandmarkDataset([parts[p].records[i] for p, i in picks], first.landmark_names, first.image_size,
                                first.in_chans, first.cache, augment=augment, train=train, mean=c.mean, std=c.std)
 
+    def sample_image(self, split, sample_id):
+        """The sample's picture for `podium diff` grids: the original image file, uint8 (H, W)
+        or (H, W, 3), because saved points are in original-image pixels (so a diff can draw them
+        on it). An id not in `split` (out-of-fold sets pool train and val) is looked up in the
+        other splits; the asked split comes first (the generated splits reuse file names)."""
+        from podium.common.images import load_image
+
+        datasets = self.build_datasets()
+        rows = self.__dict__.setdefault("_id_rows", {})  # split -> {sample id: index}, built once
+        for name in [split, *[n for n in datasets if n != split]]:
+            dataset = datasets.get(name)
+            if dataset is None or not hasattr(dataset, "records"):
+                continue
+            if name not in rows:
+                rows[name] = {r.id: i for i, r in enumerate(dataset.records)}
+            if sample_id in rows[name]:
+                image = load_image(dataset.records[rows[name][sample_id]].image_path, dataset.in_chans).numpy()
+                return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        return None
+
     def visualize(self, records, split, out_dir: Path):
         records = sorted(records, key=lambda r: r["index"])
         errors = self._errors(records)

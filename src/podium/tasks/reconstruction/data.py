@@ -18,6 +18,7 @@ the same scale whatever the scanner's units. Masks:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -242,9 +243,12 @@ class SliceDataset(Dataset):
         self.volume_names = [str(v.path) for v in self.index.volumes]
         self.symmetric_centre = symmetric_centre  # the model's centre_detection, for file masks
         # test files that carry their own mask are scored with it, once per slice
-        self.file_masks = cfg.use_file_masks and all(v.mask is not None for v in self.index.volumes) and (
-            not policy.train or policy.augment is None)
+        self.file_masks = self._file_masks_for(policy, self.index.volumes)
         self.copies = 1 if self.file_masks else policy.copies
+
+    def _file_masks_for(self, policy: MaskPolicy, volumes) -> bool:
+        return self.cfg.use_file_masks and all(v.mask is not None for v in volumes) and (
+            not policy.train or policy.augment is None)
 
     def set_epoch(self, epoch: int) -> None:
         self.policy.epoch = epoch
@@ -280,6 +284,17 @@ class SliceDataset(Dataset):
             sample["fg_mask"] = torch.from_numpy(snu_foreground_mask(t, self.cfg.foreground_threshold * t.max())
                                                  .astype(np.float32))
         return sample
+
+
+def slice_subset(base, slices, policy: MaskPolicy, volume_names: list[str]):
+    """A copy of `base` (a SliceDataset or SNUDataset) over `slices` ((VolumeInfo, slice)
+    pairs, from any dataset of its kind) with `policy`'s masks; `volume_names` must name every
+    slice's volume as `base` does (path or stem). Cross-validation folds are made of these."""
+    out = copy.copy(base)
+    out.slices, out.policy, out.volume_names = list(slices), policy, list(volume_names)
+    out.file_masks = base._file_masks_for(policy, [info for info, _ in out.slices])
+    out.copies = 1 if out.file_masks else policy.copies
+    return out
 
 
 def _h5_files(folder: str | None, key: str) -> list[Path]:
@@ -329,8 +344,12 @@ class SNUDataset(Dataset):
         self.symmetric_centre = symmetric_centre  # the model's centre_detection, for file masks
         # evaluation always scores the file's own mask (the leaderboard's); training may draw
         # fresh masks (augmentation, the acc4/acc8 bank) instead
-        self.file_masks = not policy.train or (cfg.use_file_masks and policy.augment is None and not cfg.mask.duplicate)
+        self.file_masks = self._file_masks_for(policy, self.index.volumes)
         self.copies = 1 if self.file_masks else policy.copies
+
+    def _file_masks_for(self, policy: MaskPolicy, volumes) -> bool:
+        cfg = self.cfg
+        return not policy.train or (cfg.use_file_masks and policy.augment is None and not cfg.mask.duplicate)
 
     def set_epoch(self, epoch: int) -> None:
         self.policy.epoch = epoch

@@ -134,18 +134,56 @@ class RawKspaceSlices(Dataset):
         return sample
 
 
-def _materialise_val(cfg: SimulatedDataConfig, images: list[np.ndarray], seed: int,
-                     coil_bank: CoilMapBank | None = None) -> list[Path]:
-    """Simulate the validation volumes once; the folder name hashes everything that shapes them."""
-    params = simulation_params(cfg)
-    fields = {"params": asdict(params), "source": cfg.source, "volumes": cfg.val_volumes,
-              "slices": cfg.val_slices, "seed": seed, "version": 2}  # bump when the simulator changes
+def _simulation_folder(cfg: SimulatedDataConfig, params: sim.SimulationParams, fields: dict,
+                       coil_bank: CoilMapBank | None) -> Path:
+    """A cache folder whose name hashes everything that shapes the volumes written into it."""
+    fields = {"params": asdict(params), "source": cfg.source, **fields, "version": 2}  # bump when the simulator changes
     if coil_bank is not None:  # the maps' files, by content (a path alone could be rewritten)
         fields["coil_maps"] = [hashlib.sha1(m.tobytes()).hexdigest() for m in coil_bank.map_sets]
         fields["calibration_fraction"] = cfg.calibration_fraction
     key = json.dumps(fields, sort_keys=True)
     folder = _cache_dir(cfg) / f"sim-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# ---- cross-validation: the training images as volumes ------------------------------------
+# The train split simulates fresh slices from any training image every epoch, so its samples
+# have no identity to fold; its source images do. For CV they are grouped, in order, into
+# volumes of `data.val_slices` slices (neighbouring template slices, like a scan), named
+# `train_<k>`: a fold that holds one out trains on the other images and evaluates the held-out
+# ones materialised once as fastMRI HDF5 (like the val volumes) under the cache folder.
+POOL_PREFIX = "train"
+
+
+def pool_slices(dataset: SimulatedSlices) -> list[tuple[str, int]]:
+    """(volume name, slice in it) of each of `dataset`'s source images, in image order."""
+    n = max(1, int(dataset.cfg.val_slices))
+    return [(f"{POOL_PREFIX}_{i // n:03d}", i % n) for i in range(len(dataset.images))]
+
+
+def materialise_pool_volumes(dataset: SimulatedSlices, names: list[str]) -> list[Path]:
+    """The HDF5 files of the named pool volumes (`pool_slices`), simulated once each."""
+    cfg, n = dataset.cfg, max(1, int(dataset.cfg.val_slices))
+    folder = _simulation_folder(cfg, dataset.params, {"pool_slices": n, "images": len(dataset.images)},
+                                dataset.coil_bank)
+    paths = []
+    for name in names:
+        k = int(name.rsplit("_", 1)[1])
+        path = folder / f"{name}.h5"
+        if not path.exists():  # seeds apart from the val volumes' (0..val_volumes-1)
+            sim.simulate_volume_h5(path, dataset.images[k * n:(k + 1) * n], dataset.params, seed=100_003 + k,
+                                   coil_bank=dataset.coil_bank)
+        paths.append(path)
+    return paths
+
+
+def _materialise_val(cfg: SimulatedDataConfig, images: list[np.ndarray], seed: int,
+                     coil_bank: CoilMapBank | None = None) -> list[Path]:
+    """Simulate the validation volumes once; the folder name hashes everything that shapes them."""
+    params = simulation_params(cfg)
+    folder = _simulation_folder(cfg, params, {"volumes": cfg.val_volumes, "slices": cfg.val_slices, "seed": seed},
+                                coil_bank)
     paths = []
     for v in range(cfg.val_volumes):
         path = folder / f"val_{v:03d}.h5"

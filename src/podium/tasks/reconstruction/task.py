@@ -271,6 +271,18 @@ class ReconstructionTask(Task):
 
         return self.aggregate(slice_records(predictions, bool(self.cfg.task.snu_metrics), anatomy_id), split)
 
+    # ---- cross-validation (podium.engine.folds; see cv.py): one key per slice, folds always
+    # grouped by volume, so a volume's saved rows (<volume>_acc<N>) come from one fold's model
+    def cv_keys(self, dataset):
+        from podium.tasks.reconstruction.cv import cv_keys
+
+        return cv_keys(self.cfg, dataset)
+
+    def cv_subset(self, parts, picks, train):
+        from podium.tasks.reconstruction.cv import cv_subset
+
+        return cv_subset(self.cfg, parts, picks, train)
+
     def _images(self, split, record) -> tuple[np.ndarray, np.ndarray]:
         """(target, reconstruction) of one slice in the data's units: the reconstruction from the
         saved predictions (or the spool), the target read again from the dataset."""

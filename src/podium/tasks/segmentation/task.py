@@ -278,6 +278,22 @@ class SegmentationTask(Task):
             return SegPatchDataset(records, first.cfg, first.class_names, first.values, prepared, seed=self.cfg.seed)
         return SegImageDataset(records, first.cfg, first.class_names, first.values, prepared)
 
+    def sample_image(self, split, sample_id):
+        """The sample's picture for `podium diff` / `podium audit` grids: RGB uint8 at the
+        model's scale, before CLAHE (the preprocessed arrays: nothing is decoded again). An id
+        not in `split` (out-of-fold sets pool train and val) is looked up in the other splits."""
+        datasets = self.build_datasets()
+        rows = self.__dict__.setdefault("_id_rows", {})  # split -> {sample id: index}, built once
+        for name in [split, *[n for n in datasets if n != split]]:
+            dataset = datasets.get(name)
+            if dataset is None or not hasattr(dataset, "display_image"):
+                continue
+            if name not in rows:
+                rows[name] = {r.id: i for i, r in enumerate(dataset.records)}
+            if sample_id in rows[name]:
+                return dataset.display_image(rows[name][sample_id])
+        return None
+
     def visualize(self, records, split, out_dir: Path):
         from podium.tasks.segmentation import plots
 
