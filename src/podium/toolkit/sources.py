@@ -227,7 +227,7 @@ def image_grid(panels: list[tuple[np.ndarray, str]], out_png: Path, title: str, 
     n = max(1, len(panels))
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.9 * rows + 0.4), squeeze=False)  # 3-line captions
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, caption) in zip(axes.flat, panels):
