@@ -21,7 +21,8 @@ toolkit API, the same code as the CLI commands named below.
    to the test splits, with and without TTA.
 3. Offline augmentation (`podium augment experiment=digits +Corrupt --n N`): the small CNN trained
    on N materialised images (corruption ops added to the demo's augmentation) for the same
-   number of optimizer steps as one fold run, evaluated on the same test splits.
+   number of optimizer steps as one fold run (and the digits' own input size and normalisation),
+   evaluated on the same test splits.
 
 Goal (issue 21): TTA and the ensemble each raise corrupted-test macro-F1, and the best
 combination reaches >= 0.97 corrupted while keeping >= 0.97 clean (single demo model: 0.955
@@ -44,6 +45,7 @@ smaller than it is noise. The JSON also holds every fold's scores and the search
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -160,10 +162,14 @@ def run_offline(out: Path, common: list[str], n: int, epochs: int, fold_steps: i
         materialise(cfg, n, aug_dir, workers=0)
     seconds_augment = time.perf_counter() - start
     batch = int(cfg.trainer.batch_size)
-    offline_epochs = max(1, round(fold_steps * batch / n))
-    train_overrides = [o for o in common if not o.startswith(("trainer.max_epochs", "experiment="))]
+    offline_epochs = max(1, math.ceil(fold_steps * batch / n))  # the step budget, not the epochs, is matched
+    train_overrides = [o for o in common if not o.startswith(("trainer.max_epochs", "trainer.max_steps", "experiment="))]
+    # the folder dataset's defaults are ImageNet's (224 px, its mean/std): take the digits' own
+    same_input = [f"data.image_size={cfg.data.image_size}", f"data.channels={cfg.data.channels}",
+                  f"data.mean={list(cfg.data.mean)}", f"data.std={list(cfg.data.std)}"]
     run_cfg = _compose(["experiment=digits", *train_overrides, *ARCHS["small_cnn"], "data=image_folder",
-                        f"data.root={aug_dir}", "data.augment=[]", f"trainer.max_epochs={offline_epochs}",
+                        f"data.root={aug_dir}", "data.augment=[]", *same_input,
+                        f"trainer.max_epochs={offline_epochs}", f"trainer.max_steps={fold_steps}",
                         f"run.dir={out / 'offline_run'}"])
     start = time.perf_counter()
     run_dir = out / "offline_run"
@@ -172,7 +178,7 @@ def run_offline(out: Path, common: list[str], n: int, epochs: int, fold_steps: i
     from podium.toolkit.ensemble import _scoring_task
 
     task = _scoring_task(run_dir)
-    return {"n": n, "epochs": offline_epochs, "augment_seconds": seconds_augment,
+    return {"n": n, "epochs": offline_epochs, "steps": fold_steps, "augment_seconds": seconds_augment,
             "train_seconds": time.perf_counter() - start,
             "scores": {s: _score(task, run_dir / "predictions" / s, s) for s in SPLITS}}
 
