@@ -139,7 +139,7 @@ def test_landmarks_predict_without_the_data_decodes_as_the_evaluation(tmp_path):
     with (run_dir / "predictions" / "test.csv").open(newline="") as f:
         import csv
 
-        evaluated = {r["id"]: r for r in csv.DictReader(f)}["0000.png"]
+        evaluated = {r["id"]: r for r in csv.DictReader(f)}["test/0000.png"]  # generated ids carry their split
     for k in range(3):
         for a in ("x", "y"):
             assert float(row[f"L{k}_{a}_px"]) == pytest.approx(float(evaluated[f"L{k}_{a}"]), abs=0.02), (k, a)
