@@ -186,6 +186,23 @@ class Task:
         others. It may read the training data (a UserError when it is not on disk)."""
         return None
 
+    def locate_sample(self, split: str, sample_id: str, ids: Callable[[Any], list[str] | None]):
+        """(dataset, index) of the sample `sample_id`: looked up in `split` first, then in the other
+        splits (out-of-fold sets pool train and val); None when no split holds it. `ids(dataset)`
+        lists a dataset's sample ids in order, or None to skip it; each split's list is built once."""
+        datasets = self.build_datasets()
+        rows = self.__dict__.setdefault("_id_rows", {})  # split -> {sample id: index}
+        for name in [split, *[n for n in datasets if n != split]]:
+            dataset = datasets.get(name)
+            if dataset is None:
+                continue
+            if name not in rows:
+                listed = ids(dataset)
+                rows[name] = {} if listed is None else {str(i): k for k, i in enumerate(listed)}
+            if sample_id in rows[name]:
+                return dataset, rows[name][sample_id]
+        return None
+
     # ---- test-time augmentation (`tta=d4|flips|scales`, podium.engine.tta) -----------------
     def tta_outputs(self) -> dict[str, str] | str | None:
         """What the model's raw output is, so TTA can map each view's output back and merge it:

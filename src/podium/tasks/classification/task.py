@@ -238,26 +238,19 @@ class ClassificationTask(Task):
         """The stored pixels of a sample (in-memory sets, image files; never the training
         augmentation), or for other sets (the corrupted test split) the evaluated image with its
         normalisation undone, for `podium diff` / `podium audit` grids."""
-        datasets = self.build_datasets()
-        rows = self.__dict__.setdefault("_id_rows", {})  # split -> {sample id: index}, built once
-        for name in [split, *[n for n in datasets if n != split]]:
-            ds = datasets.get(name)
-            if ds is None or not hasattr(ds, "sample_id"):
-                continue
-            if name not in rows:
-                rows[name] = {ds.sample_id(i): i for i in range(len(ds))}
-            index = rows[name].get(sample_id)
-            if index is None:
-                continue
-            base = getattr(ds, "dataset", ds)  # WithSampleIndex wraps the evaluation splits
-            if isinstance(base, cls_data.TensorImageDataset):
-                return base.images[index].permute(1, 2, 0).numpy()
-            if isinstance(base, cls_data.ImageFileDataset):
-                return cls_data.load_image(base.files[index], base.in_chans).permute(1, 2, 0).numpy()
-            mean, std = cls_data._check_common(cls_data._as_config(self.cfg.data, cls_data.ImageDataConfig))
-            image = base[index][0].float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-            return image.clamp(0, 1).permute(1, 2, 0).numpy()
-        return None
+        found = self.locate_sample(
+            split, sample_id, lambda ds: [ds.sample_id(i) for i in range(len(ds))] if hasattr(ds, "sample_id") else None)
+        if found is None:
+            return None
+        ds, index = found
+        base = getattr(ds, "dataset", ds)  # WithSampleIndex wraps the evaluation splits
+        if isinstance(base, cls_data.TensorImageDataset):
+            return base.images[index].permute(1, 2, 0).numpy()
+        if isinstance(base, cls_data.ImageFileDataset):
+            return cls_data.load_image(base.files[index], base.in_chans).permute(1, 2, 0).numpy()
+        mean, std = cls_data._check_common(cls_data._as_config(self.cfg.data, cls_data.ImageDataConfig))
+        image = base[index][0].float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+        return image.clamp(0, 1).permute(1, 2, 0).numpy()
 
     # ---- test-time augmentation: a class does not move with the image (D4, flips, scales)
     def tta_outputs(self):

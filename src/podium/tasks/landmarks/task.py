@@ -266,18 +266,13 @@ class LandmarkTask(Task):
         other splits; the asked split comes first (the generated splits reuse file names)."""
         from podium.common.images import load_image
 
-        datasets = self.build_datasets()
-        rows = self.__dict__.setdefault("_id_rows", {})  # split -> {sample id: index}, built once
-        for name in [split, *[n for n in datasets if n != split]]:
-            dataset = datasets.get(name)
-            if dataset is None or not hasattr(dataset, "records"):
-                continue
-            if name not in rows:
-                rows[name] = {r.id: i for i, r in enumerate(dataset.records)}
-            if sample_id in rows[name]:
-                image = load_image(dataset.records[rows[name][sample_id]].image_path, dataset.in_chans).numpy()
-                return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        return None
+        found = self.locate_sample(split, sample_id,
+                                   lambda ds: [r.id for r in ds.records] if hasattr(ds, "records") else None)
+        if found is None:
+            return None
+        dataset, index = found
+        image = load_image(dataset.records[index].image_path, dataset.in_chans).numpy()
+        return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
     def visualize(self, records, split, out_dir: Path):
         records = sorted(records, key=lambda r: r["index"])

@@ -282,17 +282,9 @@ class SegmentationTask(Task):
         """The sample's picture for `podium diff` / `podium audit` grids: RGB uint8 at the
         model's scale, before CLAHE (the preprocessed arrays: nothing is decoded again). An id
         not in `split` (out-of-fold sets pool train and val) is looked up in the other splits."""
-        datasets = self.build_datasets()
-        rows = self.__dict__.setdefault("_id_rows", {})  # split -> {sample id: index}, built once
-        for name in [split, *[n for n in datasets if n != split]]:
-            dataset = datasets.get(name)
-            if dataset is None or not hasattr(dataset, "display_image"):
-                continue
-            if name not in rows:
-                rows[name] = {r.id: i for i, r in enumerate(dataset.records)}
-            if sample_id in rows[name]:
-                return dataset.display_image(rows[name][sample_id])
-        return None
+        found = self.locate_sample(
+            split, sample_id, lambda ds: [r.id for r in ds.records] if hasattr(ds, "display_image") else None)
+        return None if found is None else found[0].display_image(found[1])
 
     def visualize(self, records, split, out_dir: Path):
         from podium.tasks.segmentation import plots
