@@ -61,6 +61,18 @@ def test_warmup_epochs_count_in_steps_per_epoch():
     assert lr_factor(5, cfg, 100, steps_per_epoch=8) == pytest.approx(1.0)
 
 
+def test_poly_warms_up_linearly_then_decays_as_a_power_of_the_remaining_fraction():
+    cfg = SchedConfig(name="poly", warmup_steps=10, power=0.9, min_lr_ratio=0.0)
+    total = 110
+    assert lr_factor(0, cfg, total, 10) == pytest.approx(0.1)
+    assert lr_factor(9, cfg, total, 10) == pytest.approx(1.0)  # end of warmup
+    assert lr_factor(10, cfg, total, 10) == pytest.approx(1.0)
+    assert lr_factor(60, cfg, total, 10) == pytest.approx(0.5 ** 0.9)  # halfway after warmup
+    assert lr_factor(total, cfg, total, 10) == pytest.approx(0.0)
+    linear = SchedConfig(name="poly", power=1.0, min_lr_ratio=0.1)
+    assert lr_factor(25, linear, 100, 10) == pytest.approx(0.1 + 0.9 * 0.75)
+
+
 def test_cosine_goes_from_one_to_min_lr_ratio():
     cfg = SchedConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.05)
     total = 110

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from podium.engine.checkpoint import load_checkpoint
 from podium.engine.schema import ENGINE_GROUPS
 from podium.engine.session import make_fabric
-from podium.engine.trainer import Trainer, _unwrap
+from podium.engine.parallel import unwrap as _unwrap
+from podium.engine.trainer import Trainer
 from podium.errors import TrainingDiverged
 from podium.engine.task import Task
 
@@ -366,7 +367,7 @@ def test_cpu_threads_below_minus_one_is_a_user_error(tmp_path, restore_threads, 
 def test_ema_warmup_follows_the_formula_and_forgets_the_initial_weights():
     from torch.optim.swa_utils import AveragedModel
 
-    from podium.engine.trainer import ema_update
+    from podium.engine.ema import ema_update
 
     live = nn.Linear(1, 1, bias=False)
     with torch.no_grad():

@@ -358,7 +358,7 @@ def test_export_with_flips_matches_the_pytorch_tta_model(digits_run, tmp_path):
     from rich.console import Console
 
     from podium.engine.session import trainer_for_run
-    from podium.engine.trainer import _unwrap
+    from podium.engine.parallel import unwrap as _unwrap
     from podium.serve.export import export_run, load_serving_module, parity, read_spec
 
     folder = export_run(digits_run, "onnx", tmp_path / "onnx", overrides=["tta=flips"])

@@ -1,4 +1,4 @@
-"""Optimizers (AdamW, SGD, NAdam) and schedulers (cosine, exponential, step), each with linear
+"""Optimizers (AdamW, SGD, NAdam) and schedulers (cosine, poly, exponential, step), each with linear
 warmup, as one LambdaLR stepped once per optimizer step — so a resumed run continues the exact
 learning-rate curve, and schedules work the same whether training runs by epochs or by steps.
 """
@@ -12,7 +12,7 @@ import torch
 from podium.errors import UserError
 
 OPTIMIZERS = ("adamw", "sgd", "nadam")
-SCHEDULERS = ("none", "cosine", "exponential", "step")
+SCHEDULERS = ("none", "cosine", "poly", "exponential", "step")
 
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -41,6 +41,10 @@ def lr_factor(step: int, cfg, total_steps: int, steps_per_epoch: int) -> float:
         span = max(1, total_steps - warmup)
         t = min(1.0, (step - warmup) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if name == "poly":  # (1 - t)^power over the steps after warmup (DeepLab, DAFormer: power 1.0)
+        span = max(1, total_steps - warmup)
+        t = min(1.0, (step - warmup) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - t) ** cfg.power
     intervals = (step - warmup) // steps_per_epoch if cfg.interval == "epoch" else step - warmup
     if name == "exponential":
         return cfg.gamma ** intervals

@@ -82,10 +82,11 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: str = "cosine"  # none | cosine | exponential | step
+    name: str = "cosine"  # none | cosine | poly | exponential | step
     warmup_steps: int = 0  # linear warmup in optimizer steps (added to warmup_epochs)
     warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0  # cosine: final lr = lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # cosine / poly: final lr = lr * min_lr_ratio
+    power: float = 1.0  # poly: lr factor (1 - t)^power
     gamma: float = 0.1  # exponential / step: decay factor per interval (per step_size for step)
     step_size: int = 30  # step: decay every step_size intervals
     interval: str = "epoch"  # exponential / step: count intervals in epochs or steps

@@ -218,7 +218,8 @@ def trainer_for_run(run_dir: Path, overrides: list[str], console: Console, check
     builds the model from the run card (run.json) without the datasets, when the run has one."""
     from podium.engine import checkpoint as ckpt
     from podium.engine.runconfig import load_run_config
-    from podium.engine.trainer import Trainer, _unwrap
+    from podium.engine.parallel import unwrap as _unwrap
+    from podium.engine.trainer import Trainer
 
     cfg = load_run_config(run_dir, overrides)
     with open_dict(cfg):

@@ -25,8 +25,10 @@ from rich.console import Console
 
 from podium.engine import checkpoint as ckpt
 from podium.engine import reproducibility as repro
+from podium.engine.ema import ema_update
 from podium.engine.loading import default_num_workers, make_loader
 from podium.engine.optim import build_optimizer, build_scheduler
+from podium.engine.parallel import unwrap as _unwrap
 from podium.engine.runs import write_history
 from podium.errors import TrainingDiverged, UserError
 from podium.engine.task import StepContext, Task
@@ -72,13 +74,6 @@ def resolve_accelerator(name: str) -> str:
     return name
 
 
-def _unwrap(module):
-    """The plain nn.Module under Fabric's and DDP's wrappers."""
-    while hasattr(module, "module") and not isinstance(module, torch.optim.swa_utils.AveragedModel):
-        module = module.module
-    return module
-
-
 def _batch_size(batch) -> int:
     if torch.is_tensor(batch):
         return batch.shape[0] if batch.dim() else 1
@@ -91,24 +86,6 @@ def _batch_size(batch) -> int:
 
 def _scalar(value) -> float:
     return float(value.detach().float().mean().item()) if torch.is_tensor(value) else float(value)
-
-
-def ema_update(decay: float, warmup: bool = True):
-    """An AveragedModel `multi_avg_fn`: exponential moving average with decay `decay`, or with
-    min(decay, (1 + t) / (10 + t)) at the t-th update when `warmup` (AveragedModel copies the
-    weights at t = 0 and counts updates in `n_averaged`)."""
-
-    @torch.no_grad()
-    def update(averaged: list, current: list, num_averaged) -> None:
-        t = float(num_averaged)
-        d = min(decay, (1 + t) / (10 + t)) if warmup else decay
-        if torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0]):
-            torch._foreach_lerp_(averaged, current, 1 - d)
-        else:
-            for a, c in zip(averaged, current):
-                a.copy_(a * d + c * (1 - d))
-
-    return update
 
 
 class Trainer:

@@ -75,7 +75,7 @@ def load_serving_module(run_dir, checkpoint: str = "best", console=None, overrid
     from podium.engine import tta
     from podium.engine.runcard import checkpoint_path
     from podium.engine.session import trainer_for_run
-    from podium.engine.trainer import _unwrap
+    from podium.engine.parallel import unwrap as _unwrap
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

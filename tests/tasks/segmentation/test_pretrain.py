@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from podium.cli import app
 from podium.common.unet import build_unet, load_local_weights
 from podium.engine.loading import SeededDataset
+from podium.engine.parallel import concat_all_gather
 from podium.engine.registry import build
 from podium.errors import UserError
 from podium.tasks.segmentation import pretrain as pt
@@ -330,7 +331,7 @@ def _gather_worker(rank: int, world: int, port: int, out: str):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         keys = torch.full((2, 3), float(rank + 1))
-        gathered = pt.concat_all_gather(keys)
+        gathered = concat_all_gather(keys)
         state = pt.MomentumQueue(Tiny(), queue_size=8, momentum=0.9)
         state.queue.zero_()
         state.enqueue(gathered)

@@ -45,6 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from podium.engine import registry
+from podium.engine.ema import lerp_towards
+from podium.engine.parallel import concat_all_gather, gather_with_grad, unwrap
+from podium.engine.parallel import world_size as _world
 from podium.engine.registry import register
 from podium.errors import UserError
 from podium.tasks.base import StepContext, Task
@@ -81,46 +84,6 @@ class ContrastiveEncoderConfig:
 class ContrastiveLossConfig:
     name: str = "contrastive"
     temperature: float = 0.2  # MoCo v2 0.2; one-GPU demo 0.1; SimCLR 0.1-0.5
-
-
-# ---- distributed helpers ------------------------------------------------------------------
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def concat_all_gather(tensor: Tensor) -> Tensor:
-    """Concatenate `tensor` from every rank along dim 0 (rank order); no gradient; a no-op
-    without torch.distributed. Every rank must pass the same shape."""
-    if _world() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(_world())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the gradients of every rank's copy (all_reduce, which gloo
-    supports, unlike the reduce_scatter / all_to_all of torch.distributed.nn)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        parts = [torch.empty_like(tensor) for _ in range(_world())]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        n = grad.shape[0] // _world()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
-
-def gather_with_grad(tensor: Tensor) -> Tensor:
-    return tensor if _world() == 1 else _GatherWithGrad.apply(tensor)
 
 
 # ---- losses -------------------------------------------------------------------------------
@@ -260,13 +223,6 @@ def moco_encoder(cfg, *, in_chans: int, **_) -> nn.Module:
 # ---- momentum encoder and queue -----------------------------------------------------------
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under Fabric's and DDP's wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 class MomentumQueue(nn.Module):
     """MoCo's auxiliary state: the key encoder (a copy of the query encoder, never trained by the
     optimizer) and the queue of keys (D, K) with its write pointer, as buffers."""
@@ -286,9 +242,7 @@ class MomentumQueue(nn.Module):
     @torch.no_grad()
     def momentum_update(self, query_encoder: nn.Module) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q, parameters only (MoCo leaves buffers alone)."""
-        m = self.momentum
-        for pk, pq in zip(self.key_encoder.parameters(), query_encoder.parameters()):
-            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+        lerp_towards(self.key_encoder, query_encoder, self.momentum)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
