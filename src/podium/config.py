@@ -33,7 +33,7 @@ HYDRA_GROUPS = ("task", "data", "model", "loss", "optim", "sched", "trainer", "t
 # Values with a closed set of choices, checked before any work starts.
 CHOICES = {
     "optim.name": ("adamw", "sgd", "nadam"),
-    "sched.name": ("none", "cosine", "exponential", "step"),
+    "sched.name": ("none", "cosine", "poly", "exponential", "step"),
     "sched.interval": ("epoch", "step"),
     "tracking.backend": ("mlflow", "none"),
     "trainer.accelerator": ("auto", "cpu", "cuda", "gpu", "mps"),

@@ -37,6 +37,7 @@ class StepContext:
     epoch: int
     max_steps: int  # total optimizer steps planned for the run
     aux: dict[str, nn.Module] = field(default_factory=dict)
+    run_dir: Path | None = None  # the run folder (debug images a task writes during training)
 
     @property
     def device(self) -> torch.device:

@@ -196,7 +196,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
 
     def ctx(self) -> StepContext:
-        return StepContext(self.fabric, self.state.step, self.state.epoch, self.total_steps, self.aux)
+        return StepContext(self.fabric, self.state.step, self.state.epoch, self.total_steps, self.aux,
+                           self.run_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_state(self, rng_state: dict) -> dict:

@@ -158,8 +158,28 @@ def test_carve_splits_depends_on_split_seed_only():
     assert "test" not in carve_splits(recs, 4, 0, 0)
     with pytest.raises(UserError, match="at least one"):
         carve_splits(recs, 10, 10, 0)
-    with pytest.raises(UserError, match="val_count"):
-        carve_splits(recs, 0, 0, 0)
+    assert set(carve_splits(recs, 0, 0, 0)) == {"train"}  # task=uda brings its own validation frames
+
+
+def test_fraction_keeps_a_seeded_subset_of_the_training_images_only():
+    from podium.tasks.segmentation.data import fraction_subset
+
+    recs = [SegRecord(str(i), Path(f"{i}.png"), Path(f"{i}.gif")) for i in range(20)]
+    a = fraction_subset(recs, 0.25, 0)
+    assert len(a) == 5 and a == fraction_subset(recs, 0.25, 0) and a != fraction_subset(recs, 0.25, 1)
+    assert [r.id for r in a] == sorted((r.id for r in a), key=int)
+    assert len(fraction_subset(recs, 0.01, 0)) == 1
+
+
+def test_segmentation_without_a_validation_split_is_a_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from podium.cli import app
+
+    result = CliRunner().invoke(app, ["train", "experiment=seg_synthetic", f"data.root={tmp_path / 'gen'}",
+                                      "data.count=6", "data.size=[32,32]", "data.patch_size=[16,16]", "data.val_count=0", "tracking=none",
+                                      f"run.dir={tmp_path / 'run'}"])
+    assert result.exit_code == 2 and "data.val_count=0" in result.output, result.output
 
 
 def test_max_images_channels_and_scale(fundus):

@@ -15,11 +15,15 @@ Conventions shared by every module of this family:
 from podium.tasks.segmentation import (  # noqa: F401
     data,
     inference,
+    lens,
     losses,
     metrics,
+    mixing,
     models,
     pretrain,
+    rare_class,
     readers,
     synthetic,
     task,
+    uda,
 )

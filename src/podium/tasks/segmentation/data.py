@@ -173,7 +173,11 @@ class RandomRot90(v2.Transform):
 def build_augment(c: SegDataConfig) -> v2.Compose:
     """Flips, rot90, random affine (image bilinear, masks nearest; fill: image 0, masks
     ignore_index) and colour jitter (image only). Draws from the global torch RNG."""
-    ops: list[v2.Transform] = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90(c.patch_size[0] == c.patch_size[1])]
+    ops: list[v2.Transform] = [v2.RandomHorizontalFlip()]
+    if c.augment_vflip:
+        ops.append(v2.RandomVerticalFlip())
+    if c.augment_rot90:
+        ops.append(RandomRot90(c.patch_size[0] == c.patch_size[1]))
     zoom = tuple(float(z) for z in c.augment_scale)
     if c.augment_affine_p > 0 and (c.augment_rotation > 0 or zoom != (1.0, 1.0)):
         affine = v2.RandomAffine(
@@ -268,19 +272,27 @@ def carve_splits(records: Sequence[SegRecord], val_count: int, test_count: int, 
                  ) -> dict[str, list[SegRecord]]:
     """train / val[/ test] from one permutation drawn from split_seed (see the module docstring)."""
     n = len(records)
-    if val_count < 1 or test_count < 0 or val_count + test_count > n - 1:
+    if val_count < 0 or test_count < 0 or val_count + test_count > n - 1:
         raise UserError(f"data.val_count ({val_count}) + data.test_count ({test_count}) must leave at least one "
-                        f"of the {n} images for training, with val_count >= 1.")
+                        f"of the {n} images for training.")
     perm = np.random.default_rng(split_seed).permutation(n)
     test_idx = set(perm[:test_count].tolist())
     val_idx = set(perm[test_count : test_count + val_count].tolist())
-    splits = {
-        "train": [r for i, r in enumerate(records) if i not in test_idx and i not in val_idx],
-        "val": [r for i, r in enumerate(records) if i in val_idx],
-    }
+    splits = {"train": [r for i, r in enumerate(records) if i not in test_idx and i not in val_idx]}
+    if val_count:
+        splits["val"] = [r for i, r in enumerate(records) if i in val_idx]
     if test_count:
         splits["test"] = [r for i, r in enumerate(records) if i in test_idx]
     return splits
+
+
+def fraction_subset(records: Sequence, fraction: float, split_seed: int) -> list:
+    """A subset of round(fraction * n) records (at least one), drawn with split_seed, in id order:
+    fast iteration on part of the data (data.fraction) with the same subset in every run."""
+    n = len(records)
+    keep = max(1, round(fraction * n))
+    chosen = np.sort(np.random.default_rng([split_seed, 7]).permutation(n)[:keep])
+    return [records[i] for i in chosen]
 
 
 def make_splits(c: SegDataConfig, records: Sequence[SegRecord], class_names: Sequence[str],
@@ -288,6 +300,8 @@ def make_splits(c: SegDataConfig, records: Sequence[SegRecord], class_names: Seq
     """Carve, preprocess every kept record once, and build the split datasets."""
     check_classes(c, class_names, values)
     splits = carve_splits(list(records), c.val_count, c.test_count, c.split_seed)
+    if c.fraction < 1:
+        splits["train"] = fraction_subset(splits["train"], c.fraction, c.split_seed)
     if c.max_images > 0:
         splits = {k: v[: c.max_images] for k, v in splits.items()}
     start = time.perf_counter()

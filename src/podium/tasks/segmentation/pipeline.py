@@ -66,10 +66,11 @@ class SegDataConfig:
     patch_size: list[int] = field(default_factory=lambda: [64, 64])  # training patch (H, W)
     patches_per_image: int = 16  # training items per image and epoch
     foreground_oversample: float = 0.33  # probability that a patch is centred on foreground
-    val_count: int = 4
+    val_count: int = 4  # 0 only where the task supplies its own validation split (task=uda)
     test_count: int = 0
     split_seed: int = 0  # the split depends on this only, never on the run seed
     max_images: int = 0  # > 0: keep the first N of every split
+    fraction: float = 1.0  # < 1: train on a subset of the training images drawn with split_seed
     ignore_index: int = 255
     class_values: dict[int, int] | None = None  # stored value -> class id; null: the dataset's default
     class_names: list[str] = field(default_factory=lambda: ["background", "vessel"])
@@ -78,6 +79,8 @@ class SegDataConfig:
     augment_scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
     augment_affine_p: float = 0.5
     augment_jitter: float = 0.2  # brightness / contrast / saturation factor; hue = jitter / 10
+    augment_vflip: bool = True  # vertical flips (off for scenes with an up, e.g. driving frames)
+    augment_rot90: bool = True  # rotations by k * 90 degrees (off for the same reason)
 
 
 @dataclass
@@ -142,7 +145,8 @@ def check_common(c: SegDataConfig) -> None:
     checks = {
         "patches_per_image": (c.patches_per_image >= 1, ">= 1"),
         "foreground_oversample": (0 <= c.foreground_oversample <= 1, "in [0, 1]"),
-        "val_count": (c.val_count >= 1, ">= 1"),
+        "val_count": (c.val_count >= 0, ">= 0"),
+        "fraction": (0 < c.fraction <= 1, "in (0, 1]"),
         "test_count": (c.test_count >= 0, ">= 0"),
         "max_images": (c.max_images >= 0, ">= 0 (0 = all)"),
         "augment_rotation": (0 <= c.augment_rotation <= 180, "in [0, 180]"),

@@ -202,3 +202,33 @@ def plot_curves(records: Sequence[dict] | PooledCurves, path: str | Path,
     fig.suptitle(title or f"pixels pooled over the split: {curves.positives:,} positive, "
                           f"{curves.negatives:,} negative", fontsize=10)
     return save_figure(fig, path)
+
+
+def _denormalise(image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised (C, H, W) tensor or array -> (H, W, 3) uint8 for display."""
+    x = np.asarray(image.detach().float().cpu() if hasattr(image, "detach") else image, dtype=np.float32)
+    x = x * np.asarray(std, np.float32).reshape(-1, 1, 1) + np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    return _as_rgb((np.clip(x, 0, 1) * 255).round().astype(np.uint8))
+
+
+def plot_uda_debug(path: str | Path, *, source, source_label, target, mixed, mixed_label, weight: float,
+                   prediction, mean: Sequence[float], std: Sequence[float], num_classes: int,
+                   ignore_index: int = 255) -> Path:
+    """One row of a domain-adaptation step (task=uda, task.debug_every): the source frame and its
+    label, the target frame, the mixed frame, its label (pseudo-label outside the pasted classes;
+    grey = does not count) with the frame's pseudo-label weight, the student's source prediction."""
+
+    def labels(x):
+        x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x).astype(np.int64)
+        return label_colours(x, num_classes, x != ignore_index)
+
+    panels = [("source", _denormalise(source, mean, std)), ("source label", labels(source_label)),
+              ("target", _denormalise(target, mean, std)), ("mixed", _denormalise(mixed, mean, std)),
+              (f"mixed label (weight {weight:.2f})", labels(mixed_label)), ("prediction (source)", labels(prediction))]
+    fig = new_figure((3 * len(panels), 3))
+    for i, (title, image) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(image)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    return save_figure(fig, path)

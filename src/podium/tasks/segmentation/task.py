@@ -46,6 +46,8 @@ class SegmentationTaskConfig:
     monitor: str = "dice"  # metric for the best checkpoint (dice, auc_roc, aupr, miou, ...)
     overlays: int = 4  # overlay plots per split
     save_probabilities: bool = True  # predictions/<split>_probabilities.npz for ensembles
+    # [W, H]: predict also writes <out stem>_submission.csv, RLE per image and class (rle.py)
+    submission_size: list[int] = field(default_factory=list)
 
 
 def collate_images(items: list[dict]) -> dict:
@@ -76,6 +78,13 @@ class SegmentationTask(Task):
         self.loss_fn = None
 
     # ---- building
+    def build_datasets(self):
+        datasets = super().build_datasets()
+        if "val" not in datasets:
+            raise UserError(f"data.val_count={self.cfg.data.val_count} leaves no validation split; give "
+                            "data.val_count >= 1 (only task=uda brings its own validation images).")
+        return datasets
+
     @property
     def train_set(self):
         return self.build_datasets()["train"]
@@ -308,17 +317,23 @@ class SegmentationTask(Task):
         """Per input image: a mask PNG at the image's own size (0/255 for binary tasks, class ids
         otherwise; outside the field of view is background), the foreground probabilities at
         the network's (scaled) size as .npy (binary), an overlay PNG; and a summary table in
-        `out_file` (CSV, or JSON by suffix) with the class fractions inside the field of view."""
+        `out_file` (CSV, or JSON by suffix) with the class fractions inside the field of view.
+        With `task.submission_size=[W, H]` also `<out stem>_submission.csv`: the competition's
+        RLE rows (rle.py) of the same masks resized to W x H by nearest neighbour, ids = stems."""
         from PIL import Image
         from rich.progress import track
 
-        from podium.tasks.segmentation import plots
+        from podium.tasks.segmentation import plots, rle
         from podium.tasks.segmentation.pipeline import prepare_image
         from podium.tasks.segmentation.preprocess import resize_image, resize_mask
         from podium.tasks.segmentation.readers import read_image
 
         out_file = Path(out_file)
         out_dir = out_file.parent / f"{out_file.stem}_masks"
+        # task.submission_size=[W, H]: the competition CSV too (runs saved before the key have none)
+        size = self.cfg.task.get("submission_size") or []
+        submission_size = rle.check_size(size, "task.submission_size") if len(size) else None
+        submission = []
         out_dir.mkdir(parents=True, exist_ok=True)
         names = self.class_names
         rows = []
@@ -329,6 +344,8 @@ class SegmentationTask(Task):
             fov = fov.numpy().astype(bool)
             pred = self.probabilities_to_mask(probs, fov)
             stem = Path(path).stem
+            if submission_size is not None:  # from `pred` at the network's size, resized by nearest
+                submission += rle.submission_rows(stem, pred, names, submission_size)
             if self.num_classes == 2:
                 np.save(out_dir / f"{stem}_prob.npy", probs[1].numpy().astype(np.float32))
             plots.plot_overlay(resize_image(rgb, fov.shape), None, pred, fov, out_dir / f"{stem}_overlay.png",
@@ -346,6 +363,8 @@ class SegmentationTask(Task):
                 writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["id"])
                 writer.writeheader()
                 writer.writerows(rows)
+        if submission_size is not None:
+            rle.write_submission(submission, out_file.parent / f"{out_file.stem}_submission.csv")
         return out_file
 
     def probabilities_to_mask(self, probs, fov: np.ndarray) -> np.ndarray:
