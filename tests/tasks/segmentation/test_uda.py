@@ -163,3 +163,33 @@ def test_bad_uda_configs_exit_2_naming_the_key(scenes, tmp_path, override, key):
     assert result.exit_code == 2, result.output
     assert key in result.output
     assert not list((tmp_path / "run").rglob("*.pt")), "nothing trained, nothing saved"
+
+
+def test_eval_with_flip_and_scale_tta_scores_the_target_again(uda_run, tmp_path):
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(uda_run, run)
+    result = invoke("eval", run, "tta=flips")
+    assert result.exit_code == 0, result.output
+    scored = json.loads(next((run / "eval").rglob("metrics.json")).read_text())
+    assert 0.0 <= scored["val/miou"] <= 1.0
+
+
+def test_a_real_camera_folder_without_labels_adapts_and_validates_on_the_source(scenes, tmp_path):
+    """A user's own fisheye frames: images only (field of view estimated from the black border),
+    no lens simulation, validation on source frames carved with data.val_count."""
+    from podium.tasks.segmentation.lens import PRESETS, apply_lens
+
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    for path in sorted((scenes / "val").glob("*.png")):
+        image, _, _ = apply_lens(np.asarray(Image.open(path).convert("RGB")), None, PRESETS["fisheye160_warm"])
+        Image.fromarray(image).save(camera / path.name)
+    result = invoke("train", *uda_args(scenes, f"task.target.image_dir={camera}", "task.target.mask_dir=null",
+                                       "task.target.lens=null", "task.target.extra_lenses=[]", "data.val_count=2",
+                                       "data.fov=estimate", "task.mix=classmix", "trainer.max_steps=1",
+                                       "trainer.val_every_n_steps=1", f"run.dir={tmp_path / 'run'}"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "val/miou" in metrics and not any(k.startswith("test_fisheye") for k in metrics)

@@ -217,7 +217,7 @@ def apply_lens(image: np.ndarray, label: np.ndarray | None, lens: Lens, out_hw=N
     out_hw = (hs, ws) if out_hw is None else (int(out_hw[0]), int(out_hw[1]))
     sx, sy, valid, rel = _lens_coords(lens, (hs, ws), out_hw)
     grid, _ = lens_grid(lens, (hs, ws), out_hw)
-    src = torch.from_numpy(image).permute(2, 0, 1)[None].to(torch.float32)
+    src = torch.from_numpy(np.require(image, requirements=["W", "C"])).permute(2, 0, 1)[None].to(torch.float32)
     # Border padding: a valid point near the frame edge never blends with black outside it.
     out = F.grid_sample(src, torch.from_numpy(grid)[None], mode="bilinear", padding_mode="border",
                         align_corners=False)[0].permute(1, 2, 0).numpy().astype(np.float64)
