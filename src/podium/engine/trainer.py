@@ -174,8 +174,16 @@ class Trainer:
             self.train_loaders = task.train_loaders(self.datasets, self._make_loader)
             self.primary = next(iter(self.train_loaders))
             self.val_loader = self._make_loader(self.datasets["val"], train=False)
-            optimizer = build_optimizer(task.parameter_groups(model), cfg.optim)
-            self.model, self.optimizer = fabric.setup(model, optimizer)
+            self.trainable = any(p.requires_grad for p in model.parameters())
+            if self.trainable:
+                optimizer = build_optimizer(task.parameter_groups(model), cfg.optim)
+                self.model, self.optimizer = fabric.setup(model, optimizer)
+            else:
+                # a parameter-free model (a classical baseline, e.g. model=cs_l1wavelet): nothing
+                # to optimise; an optimizer over an empty placeholder keeps the checkpoint format
+                # and fit() only validates once (see _fit_without_parameters)
+                self.model = fabric.setup(model)
+                self.optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(0))], cfg.optim)
         else:
             self.model = fabric.setup(model)
         self.aux = {name: m.to(fabric.device) for name, m in task.build_aux_modules(_unwrap(self.model)).items()}
@@ -359,7 +367,19 @@ class Trainer:
         pos[1] += 1
         return batch
 
+    def _fit_without_parameters(self) -> None:
+        """A model with nothing to train: one validation writes history.csv and best.pt, then
+        last.pt, so eval, predict and the final evaluation see a run like any other."""
+        if not self.state.finished:
+            self.validate({}, repro.capture_rng_state())
+            self.state.finished = True
+        self.save("last.pt")
+
     def fit(self, resume_from: Path | None = None) -> None:
+        if not getattr(self, "trainable", True):
+            if resume_from is not None:
+                self.load(resume_from)
+            return self._fit_without_parameters()
         fabric, tc, st = self.fabric, self.tc, None
         if resume_from is not None:
             self.load(resume_from)

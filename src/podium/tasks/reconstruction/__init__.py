@@ -11,3 +11,4 @@ Conventions shared by every module of this family:
 """
 
 from podium.tasks.reconstruction import data, losses, models, simulated_data, task  # noqa: F401
+from podium.tasks.reconstruction import sigpy_recon  # noqa: F401  (models sense, cs_l1wavelet, cs_tv)
