@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import postgres_url  # noqa: F401  (a real PostgreSQL 15 server, session-wide)
+
 # One intra-op thread per test process, inherited by every child (`podium train` subprocesses,
 # servers, benchmark scripts). `make test` runs one pytest worker per core; torch's default of
 # one thread per core in each of them (and in each child) puts several spinning threads on

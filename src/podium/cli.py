@@ -108,7 +108,10 @@ def _run_config(overrides: Optional[List[str]], default_experiment: Optional[str
 
     resume, checkpoint, rest = _split_resume(overrides or [])
     if resume:
-        run_dir = existing_run_dir(resume)
+        from podium.engine.mirror import resolve_resume
+
+        # resume=MIRROR_URL, or a run folder that is gone but mirrored: fetched back first
+        run_dir = existing_run_dir(resolve_resume(resume, _console()))
         cfg = load_run_config(run_dir, rest)
         changes = check_resume_overrides(run_dir, load_run_config(run_dir, []), cfg)
         for key, (before, after) in changes.items():
@@ -143,12 +146,16 @@ def train(
     last.pt can be passed over with resume_checkpoint=best)
 
     Two CPU processes (DDP): podium train experiment=digits trainer.devices=2 trainer.accelerator=cpu
+
+    Hydra multirun, a grid sweep (see `podium sweep`): podium train experiment=digits optim.lr=1e-3,3e-4 -m
     """
     from omegaconf import OmegaConf
 
     from podium.engine import session
 
     console = _console()
+    if any(o in ("-m", "--multirun") for o in overrides or []):
+        return _print_sweep(console, overrides)
     run_dir, resume_checkpoint, cfg = _run_config(overrides)
     if show_config:
         console.print(OmegaConf.to_yaml(cfg), highlight=False)
@@ -232,6 +239,41 @@ def augment(
     console.print(f"written: {out}  ({n} augmented training images from {manifest['sources']['train']}; "
                   f"splits {', '.join(manifest['sources'])})\nmanifest: {out / 'manifest.json'}\n"
                   f"train on it: {manifest['use']}", highlight=False, soft_wrap=True)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def sweep(
+    overrides: List[str] = typer.Argument(None, help="Hydra overrides with sweep.space=..., or comma lists for a grid."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="A sweep folder whose study to continue."),
+):
+    """Search hyperparameters with Optuna (TPE, median pruning); one run folder per trial.
+
+    Example: podium sweep experiment=digits sweep.trials=16
+    'sweep.space={optim.lr: {type: float, low: 1e-4, high: 1e-2, log: true}, model.width: {type: int, low: 8, high: 32}}'
+
+    Grid: podium sweep experiment=digits optim.lr=1e-3,3e-4 model.width=8,16
+
+    Workers on several machines: the same command on each, with
+    sweep.storage=postgresql://USER@HOST/DB sweep.study=NAME
+
+    Continue (run the trials still missing): podium sweep --resume runs/...-sweep [sweep.trials=32]
+    """
+    _print_sweep(_console(), overrides or [], resume)
+
+
+def _print_sweep(console, overrides: list[str], resume: Optional[Path] = None) -> None:
+    from podium.toolkit.sweep import results_table, run_sweep
+
+    summary = run_sweep(list(overrides), console, resume=resume)
+    console.print(results_table(summary))
+    best = summary["best"]
+    if best:
+        console.print(f"best: trial {best['number']} {summary['metric']}={best['value']:.4f} {best['params']}\n"
+                      f"      {best['run_dir']}", highlight=False, soft_wrap=True)
+    console.print(f"sweep folder: {summary['dir']}\nresults:      {Path(summary['dir']) / 'sweep.json'}\n"
+                  f"trials here:  {len(summary['trials_run_here'])} of {len(summary['trials'])} in the study",
+                  highlight=False, soft_wrap=True)
 
 
 def _is_rank_zero() -> bool:
@@ -611,16 +653,27 @@ def doctor(
 def runs(
     root: Path = typer.Option(Path("runs"), help="Folder holding run folders."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="List the runs of an MLflow tracking server (http://HOST:PORT) instead of --root."),
+    experiment: Optional[str] = typer.Option(None, help="With --tracking-uri: only this experiment's runs."),
 ):
     """List runs with their key metrics.
 
     Example: podium runs --root runs --json
+    Example: podium runs --tracking-uri http://127.0.0.1:5000
     """
     from rich.table import Table
 
     from podium.engine.runs import find_runs, run_summary
 
-    summaries = [run_summary(p) for p in find_runs(root)]
+    if tracking_uri:  # a team server: the same table, read from MLflow instead of run folders
+        from podium.common.redact import redact_text
+        from podium.engine.tracking_server import list_tracked_runs
+
+        summaries = list_tracked_runs(tracking_uri, experiment=experiment)
+        root = redact_text(tracking_uri)
+    else:
+        summaries = [run_summary(p) for p in find_runs(root)]
     for s in summaries:  # on stderr, so that --json output stays parseable
         if "problem" in s:
             _error_console().print(f"[yellow]warning:[/] {s['problem']}; its metrics are not shown.", highlight=False)
@@ -654,6 +707,53 @@ def ui(
     cmd = ui_command(root, host="127.0.0.1", port=port)
     _console().print(f"MLflow UI on http://127.0.0.1:{port}  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command(name="tracking-server")
+@handle_errors
+def tracking_server(
+    backend_store_uri: str = typer.Option(
+        ..., "--backend-store-uri", envvar="MLFLOW_BACKEND_STORE_URI",
+        help="Database for runs and metrics, e.g. postgresql://USER:PASSWORD@HOST/DB (or set "
+        "MLFLOW_BACKEND_STORE_URI, which keeps the password out of the process list)."),
+    artifacts_root: str = typer.Option(
+        ..., "--artifacts-root", help="Folder (or s3://, gs:// URL) where the server stores the artifacts it proxies."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback is reachable from the network."),
+    port: int = typer.Option(5000, help="Port to listen on."),
+    workers: Optional[int] = typer.Option(None, help="Server worker processes (MLflow's default: 4)."),
+):
+    """Start a team MLflow tracking server on a SQL database; Ctrl-C or SIGTERM stops it.
+
+    Example: podium tracking-server --backend-store-uri postgresql://podium@db/mlflow --artifacts-root /srv/mlartifacts
+    """
+    import signal
+
+    from podium.engine.tracking_server import network_warning, start_tracking_server
+
+    warning = network_warning(host)
+    if warning:
+        _error_console().print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+    def _terminate(signum, frame):  # SIGTERM (systemd, docker stop) ends it like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        server = start_tracking_server(backend_store_uri, artifacts_root, host=host, port=port, workers=workers)
+        try:
+            _console().print(f"MLflow tracking server ready on {server.uri}  (Ctrl-C to stop)\n"
+                             f"log runs to it with: tracking.uri={server.uri}", highlight=False)
+            code = server.wait()
+        except KeyboardInterrupt:
+            code = 0
+            _console().print("stopping the tracking server")
+        finally:
+            server.stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        _error_console().print(f"[bold red]error:[/] the MLflow server exited with code {code}", highlight=False)
+        raise typer.Exit(1)
 
 
 def _list(kind: str, pattern: str):

@@ -29,6 +29,9 @@ OPERATIONAL_KEYS = (
     "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.data_wait_warn", "trainer.eval_batch_size",
     "trainer.checkpoint_every_n_steps", "trainer.checkpoint_every_minutes",
     "trainer.early_stopping.patience",
+    # durability (podium.engine.mirror / disk): where copies go and how much disk is kept free
+    "trainer.checkpoint_every_n_epochs", "run.mirror", "run.mirror_timeout_s", "run.min_free_mb",
+    "run.keep_last", "run.keep_best",
 )
 # data moved to another disk: the same files under another folder
 RELOCATION_SUFFIXES = (".root", ".cache_dir")

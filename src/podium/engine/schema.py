@@ -53,6 +53,7 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint_every_n_steps: int = 0  # mid-epoch resumable checkpoints; 0 disables
     checkpoint_every_minutes: float = 10.0  # time-based mid-epoch checkpoints; 0 disables
+    checkpoint_every_n_epochs: int = 0  # > 0: also keep checkpoints/epoch-NNNN.pt (run.keep_last / keep_best)
     log_every_n_steps: int = 10
     progress_bar: bool = True
     batch_size: int = 32  # per device
@@ -105,6 +106,13 @@ class RunConfig:
     root: str = "runs"
     name: Optional[str] = None  # default: <timestamp>-<experiment>
     dir: Optional[str] = None  # explicit run folder (overrides root/name)
+    # durability (podium.engine.mirror, podium.engine.disk): copy checkpoints, metrics, plots to
+    # MIRROR/<run name>/ (a folder or fsspec URL) from a background thread; resume=MIRROR/<run name>
+    mirror: Optional[str] = None
+    mirror_timeout_s: float = 300.0  # at the end of a run, wait at most this long for the mirror
+    min_free_mb: float = 256.0  # disk guard: free space left beside a checkpoint, else prune / skip
+    keep_last: int = 3  # numbered checkpoints (trainer.checkpoint_every_n_epochs) kept: most recent
+    keep_best: int = 1  # ... and best by trainer.monitor; both <= 0 keeps all
 
 
 @dataclass
@@ -119,6 +127,26 @@ class CVConfig:
     seed: int = 0  # shuffles the folds; independent of the run seed
 
 
+@dataclass
+class SweepConfig:
+    """Hyperparameter search with Optuna (`podium sweep`, podium.toolkit.sweep); ignored by train."""
+
+    # {dotted.key: {type: float|int|categorical, low, high, log, step, choices}}
+    space: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, Any] = field(default_factory=dict)  # {dotted.key: [values]}: GridSampler (train -m)
+    enqueue: list[Any] = field(default_factory=list)  # [{dotted.key: value}]: trials tried first (a baseline)
+    trials: int = 20  # finished (complete + pruned) trials the study should hold, all workers together
+    metric: Optional[str] = None  # default: trainer.monitor, else the task's monitor
+    direction: Optional[str] = None  # maximize | minimize; default from the monitor's mode
+    storage: Optional[str] = None  # default sqlite:///<sweep dir>/study.db; postgresql://... for many machines
+    study: Optional[str] = None  # study name, the key workers join on; default: the sweep folder's name
+    dir: Optional[str] = None  # sweep folder; default <run.root>/<timestamp>-<name>-sweep
+    seed: Optional[int] = None  # TPE sampler seed; default: the run seed
+    pruner: str = "median"  # median | none: MedianPruner on each validation's metric
+    startup_trials: int = 5  # finished trials before pruning starts
+    warmup_validations: int = 0  # validations of a trial before it may be pruned
+
+
 ENGINE_GROUPS = {
     "trainer": TrainerConfig,
     "optim": OptimConfig,
@@ -126,6 +154,7 @@ ENGINE_GROUPS = {
     "tracking": TrackingConfig,
     "run": RunConfig,
     "cv": CVConfig,
+    "sweep": SweepConfig,
 }
 
 # Top-level scalar keys beside the groups.

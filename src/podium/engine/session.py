@@ -27,13 +27,17 @@ def make_fabric(tc, console: Console, devices=None):
     from podium.engine.trainer import resolve_accelerator, resolve_precision
 
     accelerator = resolve_accelerator(tc.accelerator)
-    devices = devices if devices is not None else tc.devices
+    num_nodes = tc.num_nodes
+    if devices is None:
+        from podium.engine.elastic import torchrun_layout
+
+        devices, num_nodes = torchrun_layout(tc, console) or (tc.devices, tc.num_nodes)
     strategy = tc.strategy
-    many = (isinstance(devices, int) and devices > 1) or tc.num_nodes > 1 or "WORLD_SIZE" in os.environ
+    many = (isinstance(devices, int) and devices > 1) or num_nodes > 1 or "WORLD_SIZE" in os.environ
     if strategy == "auto" and many:
         strategy = "ddp"
     precision = resolve_precision(tc.precision, accelerator, console)
-    return Fabric(accelerator=accelerator, devices=devices, num_nodes=tc.num_nodes,
+    return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                   strategy=strategy, precision=precision)
 
 
@@ -146,6 +150,10 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
     fabric = make_fabric(cfg.trainer, console)
     fabric.launch()
     is_main = fabric.global_rank == 0
+    if resume_dir is None:  # torchrun restarted the group: continue this job's run (engine/elastic.py)
+        from podium.engine.elastic import resume_dir_after_restart
+
+        resume_dir = resume_dir_after_restart(fabric, cfg, console)
     if resume_dir is not None:
         run_dir = Path(resume_dir)
     else:
@@ -166,11 +174,16 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
     with open_dict(cfg):
         cfg.run.dir, cfg.resume = str(run_dir), None
     _move_credentials_to_environment(cfg, console if is_main else None)
+    from podium.engine import mirror as mirror_lib
+
+    # run.mirror: a bad URI exits 2 here, before the run folder is made
+    mirror = mirror_lib.start(cfg, run_dir, console) if is_main else None
     if is_main:
         _writable_run_dir(run_dir)
         ckpt.cleanup_temp_files(run_dir / "checkpoints")
     task = registry.build("task", cfg.task.name, cfg)
     trainer = Trainer(cfg, task, run_dir, fabric, console=console)
+    trainer.mirror = mirror
     trainer.setup()
     if resume_from is not None:
         trainer.load(resume_from, resume_data)  # a checkpoint of another model fails here, harmlessly
@@ -181,6 +194,8 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
         _write_run_files(run_dir, cfg, fabric, None if resume_from is None else
                          {"resumed_at_step": trainer.state.step, "resumed_from": resume_from.name})
         runcard.write_card(run_dir, task)  # run.json: predict / export / serve need no data
+        if mirror is not None:
+            mirror.submit(run_dir / "config.yaml", run_dir / "environment.json", run_dir / "run.json")
         console.print(f"run folder: {run_dir}")
     tracker = Tracker(cfg.tracking, run_dir=run_dir, runs_root=Path(cfg.run.root), experiment=cfg.name,
                       run_name=run_dir.name, enabled=is_main, console=console)
@@ -198,6 +213,9 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
     finally:
         if status != "FINISHED":
             tracker.finish(status)
+            if mirror is not None:  # what was written before the failure (e.g. Ctrl-C's last.pt)
+                mirror.submit_tree()
+                mirror.close()
     if is_main:
         write_json(run_dir / "metrics.json", metrics)
         plot_history(trainer.state.history, run_dir / "plots" / "history.png")
@@ -208,6 +226,9 @@ def train(cfg, console: Console, resume_dir: Path | None = None,
         if (run_dir / "plots").is_dir():
             tracker.log_artifact(run_dir / "plots", "plots")
         tracker.finish("FINISHED")
+        if mirror is not None:  # metrics.json, plots, predictions: the whole folder, then the bounded drain
+            mirror.submit_tree()
+            mirror.close()
     return run_dir, metrics
 
 

@@ -84,6 +84,12 @@ def _batch_size(batch) -> int:
     return 0
 
 
+# Called as hook(trainer, row) after every validation, on every rank. `podium sweep`
+# (podium.toolkit.sweep) reports the monitored value to Optuna here and raises
+# optuna.TrialPruned to stop a hopeless trial; that ends fit() like any other exception.
+VALIDATION_HOOKS: list = []
+
+
 def _scalar(value) -> float:
     return float(value.detach().float().mean().item()) if torch.is_tensor(value) else float(value)
 
@@ -107,6 +113,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.saved: dict[str, str] = {}  # checkpoint name -> "epoch E, step S" written by this process
         self.evaluated_checkpoint = "best"  # what final_evaluation scored: "best" or "last weights"
+        self.mirror = None  # podium.engine.mirror.Mirror on rank 0 when run.mirror is set (session.train)
 
     # ------------------------------------------------------------------ set-up
     def _make_loader(self, dataset, train: bool = True, batch_size: int | None = None):
@@ -233,9 +240,17 @@ class Trainer:
                 f"{self.state.step}; {name} was not written. {self.kept_checkpoints()} "
                 "Lower optim.lr, set trainer.grad_clip_norm, or use trainer.precision=32-true.")
         if self.is_main:
-            ckpt.atomic_save(self._checkpoint_state(rng_state or repro.capture_rng_state()),
-                             self.ckpt_dir / name)
+            from podium.engine import disk
+
+            state = self._checkpoint_state(rng_state or repro.capture_rng_state())
+            # disk guard: prune numbered checkpoints or skip this one rather than fill the disk
+            if not disk.make_room(self.ckpt_dir, name, disk.expected_size(self.ckpt_dir, name, state),
+                                  OmegaConf.select(self.cfg, "run.min_free_mb", default=0.0), self.console):
+                return
+            ckpt.atomic_save(state, self.ckpt_dir / name)
             self.saved[name] = f"epoch {self.state.epoch}, step {self.state.step}"
+            if self.mirror is not None:
+                self.mirror.submit(self.ckpt_dir / name)
 
     def _non_finite_weights(self) -> str:
         """Names of the first few model / EMA tensors holding NaN or Inf ('' when all finite)."""
@@ -335,6 +350,8 @@ class Trainer:
             self.state.bad_validations += 1
         if self.is_main:
             write_history(self.run_dir / "history.csv", self.state.history)
+            if self.mirror is not None:
+                self.mirror.submit(self.run_dir / "history.csv")
             if self.tracker:
                 self.tracker.log_metrics(row, step=self.state.step)
             # per-class entries (two slashes) stay in history.csv, the line stays readable
@@ -347,6 +364,8 @@ class Trainer:
                     f"[yellow]data loading took {wait:.0%} of step time. Try a higher "
                     f"trainer.num_workers (`podium doctor` times the choices), a preprocessing cache, "
                     "or smaller images / cheaper CPU augmentation.")
+        for hook in VALIDATION_HOOKS:  # after best.pt and history.csv: a pruned run keeps both
+            hook(self, row)
         patience = self.tc.early_stopping.patience
         return patience > 0 and self.state.bad_validations >= patience
 
@@ -476,6 +495,8 @@ class Trainer:
                         if tc.max_steps <= 0 and st.epoch >= tc.max_epochs:
                             stop = True
                     st.finished = stop
+                    if epoch_done and tc.checkpoint_every_n_epochs > 0 and st.epoch % tc.checkpoint_every_n_epochs == 0:
+                        self._save_numbered(repro.capture_rng_state())
                     self.save("last.pt", repro.capture_rng_state() if epoch_done else rng_at_boundary)
                     last_ckpt_time = time.monotonic()
         except KeyboardInterrupt:
@@ -492,6 +513,22 @@ class Trainer:
     def _limit_not_reached(self) -> bool:
         tc, st = self.tc, self.state
         return st.step < tc.max_steps if tc.max_steps > 0 else st.epoch < tc.max_epochs
+
+    def _save_numbered(self, rng_state: dict) -> None:
+        """checkpoints/epoch-NNNN.pt, then the retention policy (run.keep_last / run.keep_best,
+        podium.engine.disk) prunes the numbered ones it does not keep."""
+        from podium.engine import disk
+
+        self.save(disk.numbered_name(self.state.epoch), rng_state)
+        if not self.is_main:
+            return
+        scores = {int(row["epoch"]): float(row[self.monitor]) for row in self.state.history
+                  if self.monitor in row and "epoch" in row}
+        removed = disk.apply_policy(self.ckpt_dir, int(OmegaConf.select(self.cfg, "run.keep_last", default=0)),
+                                    int(OmegaConf.select(self.cfg, "run.keep_best", default=0)), scores,
+                                    self.monitor_mode)
+        if self.mirror is not None and removed:  # the policy holds on the far side too
+            self.mirror.forget(*removed)
 
     def _periodic_checkpoint_due(self, last_time: float) -> bool:
         tc = self.tc
