@@ -255,3 +255,25 @@ def test_cli_help_is_fast_and_cli_does_not_import_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_an_older_run_accepts_overrides_of_keys_its_groups_gained_since(tmp_path, digits_run):
+    """A run made before a key existed (its config.yaml lacks it) takes the key as an override,
+    from an engine group's schema or its own registered task's; an unknown key is still refused."""
+    import shutil
+
+    import yaml
+
+    from podium.engine.runconfig import load_run_config
+    from podium.errors import UserError
+
+    run = tmp_path / "old"
+    shutil.copytree(digits_run, run)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    del raw["trainer"]["checkpoint_every_n_epochs"]
+    raw.pop("sweep", None)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_run_config(run, ["trainer.checkpoint_every_n_epochs=2", "sweep.trials=3"])
+    assert cfg.trainer.checkpoint_every_n_epochs == 2 and cfg.sweep.trials == 3
+    with pytest.raises(UserError, match="unknown config key 'trainer.no_such_key'"):
+        load_run_config(run, ["trainer.no_such_key=1"])

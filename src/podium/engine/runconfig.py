@@ -43,6 +43,30 @@ def _read_run_config(path: Path) -> DictConfig:
         raise UserError(f"{broken}: {str(err).splitlines()[0]}") from None
 
 
+GROUP_KINDS = {"task": "task", "data": "dataset", "model": "model", "loss": "loss"}
+
+
+def _added_since(cfg: DictConfig, key: str) -> bool:
+    """True when `key` is missing from a run's config only because the schema of its group (an
+    engine group, or the run's own registered task / dataset / model / loss) gained it after the
+    run was made (e.g. task.submission_size): such an override is valid on the older run."""
+    from podium.engine import registry
+    from podium.engine.schema import ENGINE_GROUPS
+
+    group, _, rest = key.partition(".")
+    if not rest:
+        return False
+    schema = ENGINE_GROUPS.get(group)
+    if schema is None and group in GROUP_KINDS and OmegaConf.select(cfg, f"{group}.name") is not None:
+        try:
+            schema = registry.get(GROUP_KINDS[group], str(cfg[group].name)).schema
+        except UserError:
+            return False
+    if schema is None:
+        return False
+    return OmegaConf.select(OmegaConf.structured(schema), rest, default="__missing__") != "__missing__"
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictConfig:
     """A run's own resolved config, with optional `key=value` overrides, validated again."""
     path = Path(run_dir) / "config.yaml"
@@ -55,7 +79,8 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> DictCo
                 raise UserError(f"override '{item}' is not of the form key=value.")
             key, value = item.split("=", 1)
             # a top-level key added since the run was made (tta=...) is valid on an older run
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and key not in TOP_LEVEL_KEYS:
+            if (OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and key not in TOP_LEVEL_KEYS
+                    and not _added_since(cfg, key)):
                 parent = key.rsplit(".", 1)[0] if "." in key else None
                 node = OmegaConf.select(cfg, parent) if parent else cfg
                 keys = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
