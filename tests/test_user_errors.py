@@ -293,3 +293,23 @@ def test_array_files_are_told_apart_from_corrupt_images(bad_files):
         load_image(bad_files["h5"], 1)
     with pytest.raises(UserError, match="image file is truncated"):
         load_image(bad_files["truncated_png"], 1)
+
+
+def test_bracketed_text_in_an_error_message_is_printed_as_text():
+    """Messages name shapes and lists like "[width, height]": rich must not eat them as markup."""
+    import typer
+    from typer.testing import CliRunner
+
+    from podium.cli import handle_errors
+    from podium.errors import UserError
+
+    app = typer.Typer()
+
+    @app.command()
+    @handle_errors
+    def fail():
+        raise UserError("task.submission_size must be [width, height] with positive integers, got [bold].")
+
+    result = CliRunner().invoke(app, [])
+    assert result.exit_code == 2
+    assert "[width, height]" in result.output and "got [bold]." in result.output

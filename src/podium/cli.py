@@ -42,7 +42,9 @@ def _clean_message(message: str) -> str:
     # Errors raised inside DataLoader workers arrive wrapped with the worker's traceback.
     if "Original Traceback" in message:
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-    return message
+    from rich.markup import escape
+
+    return escape(message)  # "[width, height]" in a message is text, not rich markup
 
 
 def handle_errors(fn):
@@ -58,7 +60,7 @@ def handle_errors(fn):
             _error_console().print(f"[bold red]error:[/] {_clean_message(str(err))}", highlight=False)
             raise typer.Exit(2)
         except TrainingDiverged as err:
-            _error_console().print(f"[bold red]training stopped:[/] {err}", highlight=False)
+            _error_console().print(f"[bold red]training stopped:[/] {_clean_message(str(err))}", highlight=False)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             raise typer.Exit(130)
