@@ -103,7 +103,7 @@ def test_two_map_sets_beat_one_on_a_folded_slice(folded):
     assert two["psnr"] > one["psnr"]
 
 
-@pytest.mark.parametrize("override, key", [({"maps_sets": 3}, "maps_sets"), ({"lamda": -0.1}, "lamda"),
+@pytest.mark.parametrize("override, key", [({"map_sets": 3}, "map_sets"), ({"lamda": -0.1}, "lamda"),
                                            ({"max_iter": 0}, "max_iter")])
 def test_bad_options_name_the_key(override, key):
     with pytest.raises(UserError, match=f"model.{key}"):

@@ -58,7 +58,7 @@ DEFAULT_LAMBDA = {"sense": 0.0, "l1wavelet": 0.001, "tv": 0.03}
 LAMBDA_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03)
 
 
-def _check_sets(sets: int, key: str = "maps_sets") -> int:
+def _check_sets(sets: int, key: str = "map_sets") -> int:
     if sets not in (1, 2):
         raise UserError(f"{key} = {sets!r}; expected 1 (SENSE maps) or 2 (ESPIRiT soft-SENSE, for objects "
                         "wider than the phase field of view)")
@@ -250,7 +250,7 @@ def choose_lambda(method: str = "l1wavelet", grid=LAMBDA_GRID, accelerations=(4,
 @dataclass
 class ClassicalConfig:
     name: str = "cs_l1wavelet"
-    maps_sets: int = 2  # ESPIRiT map sets: 2 covers FOV fold-over (soft-SENSE), 1 is plain SENSE
+    map_sets: int = 2  # ESPIRiT map sets: 2 covers FOV fold-over (soft-SENSE), 1 is plain SENSE
     lamda: Optional[float] = None  # relative to the zero-filled maximum; None: DEFAULT_LAMBDA of the method
     max_iter: int = 100
     calib_width: Optional[int] = None  # None: the width of the calibration columns
@@ -270,7 +270,7 @@ class ClassicalRecon(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise UserError(f"method = {method!r}; expected one of {', '.join(METHODS)}")
-        self.method, self.sets = method, _check_sets(cfg.maps_sets, "model.maps_sets")
+        self.method, self.sets = method, _check_sets(cfg.map_sets, "model.map_sets")
         self.lamda = DEFAULT_LAMBDA[method] if cfg.lamda is None else cfg.lamda
         if not isinstance(self.lamda, (int, float)) or not np.isfinite(self.lamda) or self.lamda < 0:
             raise UserError(f"model.lamda = {cfg.lamda!r}; expected a non-negative number (relative to the "

@@ -17,6 +17,25 @@ the whole sampled run through column W // 2 (`centre_detection: contiguous`), or
 symmetric count, 2 x min(run left of W // 2, run from W // 2) (`symmetric`: 32 columns on an SNU
 mask whose run is 33 because an equispaced line touches the block).
 
+Two map sets (`model.map_sets: 2`, soft-SENSE; Uecker et al. 2014, "ESPIRiT", MRM 71:990, eq. 13):
+when the head is wider than the phase field of view, one coil map per coil cannot explain the
+fold-over bands (two tissue points alias onto one pixel with different coil weights). ESPIRiT's
+answer, which sets the classical bar (sigpy_recon.py), is a second set of maps and one image per
+set: k_c = F(sum_s S_sc x_s). Here the sensitivity U-Net outputs two complex maps per coil,
+- normalised JOINTLY: sum over sets and coils of |S_sc|^2 = 1 per pixel. The per-pixel normal
+  operator sum_c conj(S_sc) S_s'c is then a 2 x 2 positive matrix with trace 1, so its
+  eigenvalues lie in [0, 1]: the encoding x -> F(sum_s S_s x_s) has norm <= 1, as with one
+  unit-RSS set, and the learned step sizes and the image scale keep their meaning. ESPIRiT instead gives each set unit
+  norm and zeroes it where its eigenvalue is below `crop`; a network cannot threshold that
+  crisply, and unit norm per set would force a full-energy second set inside the head, where it
+  only carries noise — joint normalisation lets the network fade it out there;
+- maps are (B, sets, coils, H, W, 2) (sigpy's (sets, coils, H, W) order); images (B, sets, H, W,
+  2); each cascade's U-Net sees the sets as channels (2 x sets real channels);
+- the output stays the RSS over coils of the final k-space (what the task and the targets are,
+  and it needs no map at inference); for k-space explained by maps whose sets are orthonormal
+  over coils it equals the RSS over the set images (pinned by the tests).
+With `map_sets: 1` (the default) the model is exactly E2E-VarNet: same parameters, same outputs.
+
 Weights: `model.weights=FILE` loads a local state dict, podium's or the fastMRI repository's
 VarNet (`fastmri.models.VarNet`, or a Lightning checkpoint of its VarNetModule): the keys are
 renamed (`fastmri_varnet_state_dict`); with `centre_detection: symmetric` the model then
@@ -28,6 +47,9 @@ computes what fastMRI's does.
     >>> mask = torch.zeros(1, 1, 1, 24, 1); mask[..., ::3, :] = 1; mask[..., 10:14, :] = 1
     >>> model(torch.randn(1, 3, 32, 24, 2) * mask, mask).shape
     torch.Size([1, 32, 24])
+    >>> two = VarNet(num_cascades=2, chans=4, pools=2, sens_chans=2, sens_pools=2, map_sets=2)
+    >>> two.sens_maps(torch.randn(1, 3, 32, 24, 2) * mask, mask).shape   # (B, sets, coils, H, W, 2)
+    torch.Size([1, 2, 3, 32, 24, 2])
 """
 
 from __future__ import annotations
@@ -46,6 +68,7 @@ from torch.utils.checkpoint import checkpoint
 from podium.engine.registry import register
 from podium.errors import UserError
 from podium.tasks.reconstruction.fft import (
+    complex_abs_sq,
     complex_conj,
     complex_mul,
     fft2c,
@@ -76,9 +99,18 @@ class VarNetConfig:
     # centre) | symmetric (fastMRI's 2 x min(left, right) run)
     centre_detection: str = "contiguous"
     weights: Optional[str] = None  # a LOCAL state dict: podium's or fastMRI's VarNet keys
+    map_sets: int = 1  # coil-map sets: 1 (E2E-VarNet) | 2 (soft-SENSE, for a head wider than the FOV)
 
 
 CENTRE_DETECTIONS = ("contiguous", "symmetric")
+MAP_SETS = (1, 2)
+
+
+def check_map_sets(map_sets) -> int:
+    if isinstance(map_sets, bool) or map_sets not in MAP_SETS:
+        raise UserError(f"model.map_sets = {map_sets!r}; expected 1 (one coil map per coil, E2E-VarNet) or 2 "
+                        "(two ESPIRiT-style sets, soft-SENSE, for a head wider than the phase field of view)")
+    return int(map_sets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,12 +119,20 @@ CENTRE_DETECTIONS = ("contiguous", "symmetric")
 
 
 def sens_expand(image: Tensor, sens_maps: Tensor) -> Tensor:
-    """Coil k-space of a coil-combined image: F(S_c * x). (B, 1, H, W, 2) -> (B, C, H, W, 2)."""
+    """Coil k-space of a coil-combined image: F(S_c * x). (B, 1, H, W, 2) -> (B, C, H, W, 2).
+
+    Map sets (maps (B, S, C, H, W, 2), image (B, S, H, W, 2)): k_c = F(sum_s S_sc x_s)."""
+    if sens_maps.ndim == 6:
+        return fft2c(complex_mul(image.unsqueeze(2), sens_maps).sum(dim=1))
     return fft2c(complex_mul(image, sens_maps))
 
 
 def sens_reduce(kspace: Tensor, sens_maps: Tensor) -> Tensor:
-    """Coil-combined image of coil k-space: sum_c conj(S_c) F^-1(k_c) -> (B, 1, H, W, 2)."""
+    """Coil-combined image of coil k-space: sum_c conj(S_c) F^-1(k_c) -> (B, 1, H, W, 2).
+
+    Map sets (maps (B, S, C, H, W, 2)): x_s = sum_c conj(S_sc) F^-1(k_c) -> (B, S, H, W, 2)."""
+    if sens_maps.ndim == 6:
+        return complex_mul(ifft2c(kspace).unsqueeze(1), complex_conj(sens_maps)).sum(dim=2)
     return complex_mul(ifft2c(kspace), complex_conj(sens_maps)).sum(dim=1, keepdim=True)
 
 
@@ -157,11 +197,13 @@ def centre_columns(
 
 class SensitivityModel(nn.Module):
     """Coil sensitivity maps (B, C, H, W, 2) from the centre of the masked k-space, normalised to
-    unit RSS over coils."""
+    unit RSS over coils; with map_sets 2, maps (B, 2, C, H, W, 2) with unit RSS over sets and
+    coils together (the module docstring says why)."""
 
-    def __init__(self, chans: int = 8, num_pools: int = 4, symmetric_centre: bool = False):
+    def __init__(self, chans: int = 8, num_pools: int = 4, symmetric_centre: bool = False, map_sets: int = 1):
         super().__init__()
-        self.norm_unet = NormUnet(chans, num_pools)
+        self.map_sets = check_map_sets(map_sets)
+        self.norm_unet = NormUnet(chans, num_pools, out_chans=2 * self.map_sets)
         self.symmetric_centre = symmetric_centre
 
     def forward(
@@ -172,6 +214,10 @@ class SensitivityModel(nn.Module):
         batch, coils, height, width, _ = images.shape
         # Every coil goes through the same U-Net, so the model works for any coil count.
         maps = self.norm_unet(images.reshape(batch * coils, 1, height, width, 2))
+        if self.map_sets > 1:  # (B * C, S, H, W, 2) -> (B, S, C, H, W, 2), one norm over sets and coils
+            maps = maps.reshape(batch, coils, self.map_sets, height, width, 2).transpose(1, 2)
+            norm = complex_abs_sq(maps).sum(dim=(1, 2)).sqrt().clamp_min(1e-12)
+            return maps / norm[:, None, None, :, :, None]
         maps = maps.reshape(batch, coils, height, width, 2)
         norm = rss_complex(maps, dim=1).clamp_min(1e-12)  # floor: a pixel with no signal
         return maps / norm[:, None, :, :, None]
@@ -182,7 +228,7 @@ class VarNetBlock(nn.Module):
 
     def __init__(self, regularizer: nn.Module):
         super().__init__()
-        self.regularizer = regularizer  # (B, 1, H, W, 2) image -> same
+        self.regularizer = regularizer  # (B, sets, H, W, 2) image -> same
         self.dc_weight = nn.Parameter(torch.ones(1))
 
     def forward(
@@ -240,17 +286,20 @@ class VarNet(KSpaceNetwork):
         lska_kernel: int = 0,
         lska_levels: str = "bottleneck",
         centre_detection: str = "contiguous",
+        map_sets: int = 1,
     ):
         super().__init__()
+        self.map_sets = check_map_sets(map_sets)
         if centre_detection not in CENTRE_DETECTIONS:
             raise UserError(f"model.centre_detection = {centre_detection!r}; expected one of "
                             f"{', '.join(CENTRE_DETECTIONS)}")
         attention = lska_attention(lska_kernel, lska_levels)
         self.notation = f"{num_cascades}/{chans}/{sens_chans}"  # cascades/chans/sens_chans
         self.centre_detection = centre_detection  # the data reads it for file masks too
-        self.sens_net = SensitivityModel(sens_chans, sens_pools, centre_detection == "symmetric")
+        self.sens_net = SensitivityModel(sens_chans, sens_pools, centre_detection == "symmetric", self.map_sets)
+        channels = 2 * self.map_sets  # the set images are the regulariser's complex channels
         self.cascades = nn.ModuleList(
-            VarNetBlock(NormUnet(chans, pools, attention=attention, attention_levels=lska_levels))
+            VarNetBlock(NormUnet(chans, pools, channels, channels, attention, attention_levels=lska_levels))
             for _ in range(num_cascades)
         )
         self.grad_checkpointing = False
@@ -261,7 +310,7 @@ class VarNet(KSpaceNetwork):
     def sens_maps(
         self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: LowFrequencies = None
     ) -> Tensor:
-        """The estimated coil sensitivities (B, coils, H, W, 2)."""
+        """The estimated coil sensitivities (B, coils, H, W, 2); (B, sets, coils, H, W, 2) with map_sets 2."""
         return self.sens_net(masked_kspace, mask, num_low_frequencies)
 
     def predicted_kspace(
@@ -297,11 +346,16 @@ def _podium_unet_key(rest: str) -> str:
     return rest
 
 
+def is_fastmri_state_dict(state: dict) -> bool:
+    """Whether a VarNet state dict (`varnet.`-prefixed or not) uses the fastMRI repository's key names."""
+    return any("down_sample_layers" in k or ".model.unet." in k for k in state)
+
+
 def fastmri_varnet_state_dict(state: dict) -> dict:
     """A fastMRI VarNet state dict (or its Lightning module's, keys `varnet.*`) with podium's
     key names; a podium state dict is returned unchanged."""
     state = {k[len("varnet."):] if k.startswith("varnet.") else k: v for k, v in state.items()}
-    if not any("down_sample_layers" in k or ".model.unet." in k for k in state):
+    if not is_fastmri_state_dict(state):
         return state
     renamed = {}
     for key, value in state.items():
@@ -314,7 +368,16 @@ def fastmri_varnet_state_dict(state: dict) -> dict:
 def load_weights(model: nn.Module, path: str) -> None:
     from podium.common.weights import load_state_dict_file
 
-    state = fastmri_varnet_state_dict(load_state_dict_file(Path(path)))
+    raw = load_state_dict_file(Path(path))
+    state = fastmri_varnet_state_dict(raw)
+    wanted = getattr(model, "map_sets", 1)
+    head = state.get("sens_net.norm_unet.unet.head.weight")
+    file_sets = head.shape[0] // 2 if head is not None else wanted
+    if file_sets != wanted:  # named before the shape mismatch, which would not say why
+        origin = "fastMRI's VarNet weights" if is_fastmri_state_dict(raw) else "weights"
+        raise UserError(f"model.map_sets = {wanted}, but the {origin} in model.weights={path} have {file_sets} "
+                        f"coil-map set(s): set model.map_sets={file_sets} to load them (a two-map VarNet "
+                        "must be trained, e.g. experiment=varnet_sim2real_two_maps)")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -326,7 +389,7 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 @register("model", "varnet", schema=VarNetConfig)
 def varnet(cfg, **context) -> VarNet:
-    """E2E-VarNet (Sriram et al. 2020), optional LSKA in the cascade U-Nets."""
+    """E2E-VarNet (Sriram et al. 2020), optional LSKA in the cascade U-Nets, one or two coil-map sets."""
     check_positive(cfg, ("chans", "sens_chans"))
     check_positive(cfg, ("cascades", "pools", "sens_pools"), minimum=0)
     model = VarNet(
@@ -338,6 +401,7 @@ def varnet(cfg, **context) -> VarNet:
         lska_kernel=cfg.lska_kernel,
         lska_levels=cfg.lska_levels,
         centre_detection=cfg.get("centre_detection", "contiguous"),
+        map_sets=cfg.get("map_sets", 1),
     )
     if cfg.get("weights"):
         load_weights(model, cfg.weights)
