@@ -593,11 +593,26 @@ def serve(
                                                   "(default: 64x the model's input area, at least 4 M)."),
     override: List[str] = typer.Option(None, "--override", "-o",
                                        help="Override of the run's config, e.g. tta=flips (repeatable)."),
+    engine: str = typer.Option("litserve", "--engine",
+                               help="litserve | triton (RUN_DIR or a `podium export --format triton` folder; "
+                                    "KServe v2 on /v2/...; its own venv is created on first use)"),
 ):
     """Serve a run over HTTP (LitServe): POST /predict with an image, GET /health, GET /info.
 
     Example: podium serve runs/20261124-101500-digits --max-batch-size 8 --port 8000
+    Triton:  podium serve runs/20261124-101500-digits --engine triton --port 8000
     """
+    if engine == "triton":  # podium.serve.triton: --max-batch-size, --checkpoint, -o go to the export
+        from podium.serve.triton import serve as serve_triton
+
+        serve_triton(run_dir, host=host, port=port, console=_console(),
+                     export_options={"checkpoint": checkpoint, "max_batch_size": max_batch_size,
+                                     "overrides": override or []})
+        return
+    if engine != "litserve":
+        from podium.errors import UserError
+
+        raise UserError(f"unknown --engine {engine!r}; choose litserve or triton.")
     from podium.engine.runs import existing_run_dir
     from podium.serve.server import ServeConfig
     from podium.serve.server import serve as run_server
