@@ -1,30 +1,60 @@
-"""`podium serve` under load: throughput and latency with dynamic batching against batch size 1,
-and the seed budget (10 images sent at once, all answered within 1 s).
+"""Serving under load: LitServe (`podium serve`) and Triton (`podium serve --engine triton`), each
+with dynamic batching and with batch size 1: throughput, latency, server CPU per request, and the
+seed budget (10 images sent at once, all answered within 1 s).
 
     python benchmarks/serve_load.py --json bench-out/serve_load.json
     python benchmarks/serve_load.py --quick
-    python benchmarks/serve_load.py --run-dir runs/<run> --backend torch --clients 32
+    python benchmarks/serve_load.py --engines litserve            # without Triton
+    python benchmarks/serve_load.py --run-dir runs/<run> --backend torch --clients 32   # torch: LitServe only
     python benchmarks/serve_load.py --override model=timm --override data.image_size=128  # resnet18
+    python benchmarks/serve_load.py --quick --run-dir runs/<drive_unet run> --clients 4 --requests 16  # fundus U-Net
+
+Requests are images of the exported graph's input size (`task.serving_example()`: the
+classification image size, or the segmentation window, e.g. 608 x 576 for drive_unet).
 
 Without --run-dir it trains a small digits run into a temporary folder first (a few optimizer
-steps: the weights' quality does not change the speed). Two servers start on loopback, both
-from the same run: A with dynamic batching (max_batch_size 8, batch_timeout 10 ms, the
-`podium serve` defaults) and B with batch size 1. Rounds alternate A B A B; in each, N client
-threads (one keep-alive HTTP session each) send a bounded number of PNG uploads as fast as
-answers come back, after a short warm-up. The server that is not measured is paused (SIGSTOP on
-its process group): an idle LitServe worker with batching polls its queue every millisecond
-and would take CPU from the other. Reported per variant: requests/s, p50/p95/p99 latency
-(client side: send to answer), and the wall time of a burst of 10 simultaneous requests
-(median over bursts); ratios A / B are medians of the per-round ratios.
+steps: the weights' quality does not change the speed). From that one run, up to four servers
+start on loopback:
+
+    litserve_batched   podium serve's defaults: max_batch_size 8, batch_timeout 10 ms
+    litserve_batch1    max_batch_size 1
+    triton_batched     `podium export --format triton` as exported: max_batch_size 8, dynamic
+                       batching (preferred [4, 8], max_queue_delay 5 ms)
+    triton_batch1      the same export with max_batch_size 1 (queue delay 0)
+
+`--engines` picks them (default: both when the Triton server's environment exists, see
+podium.serve.triton.ensure_environment; otherwise LitServe, and the reason is printed). Both
+engines run ONNX Runtime with `--threads` intra-op threads (Triton: the `intra_op_thread_count`
+parameter, added to the exported config.pbtxt) and one model instance.
+
+What a request is differs on purpose, as it does in production: LitServe's clients upload a PNG
+and the server decodes and preprocesses it; Triton's clients send the preprocessed tensor (the
+task's `serving_preprocess` output, which the exported model takes) with the KServe v2 binary
+tensor extension, prepared before the rounds. So "CPU per request" compares the server side of
+each deployment, not the same work. The Triton here is nvidia-pytriton's tritonserver with
+podium's Python-based `onnxruntime` backend (a Python stub process per instance, shared-memory
+IPC per batch); a full Triton build's C++ backend would cost less in the model column.
+
+Rounds alternate over the variants (A B C D A B C D ...); in each, N client threads (one
+keep-alive HTTP session each) send a bounded number of requests as fast as answers come back,
+after a short warm-up. The servers that are not measured are paused (SIGSTOP on their process
+group): an idle LitServe worker with batching polls its queue every millisecond and would take
+CPU from the other. Reported per variant: requests/s, p50/p95/p99 latency (client side: send to
+answer), server CPU time per request (utime + stime of every process in the server's process
+group, read from /proc before and after the round, split into the front end and the model
+process), and the wall time of a burst of 10 simultaneous requests (median over bursts). Ratios
+A / B are medians of the per-round ratios. Goals: LitServe's batching x2 throughput at p99 <=
+batch 1's; Triton's CPU per request <= 0.25x LitServe's (issue 24).
 
 The clients run in this process and share the CPUs with the server: on a 2-core machine they
-take a real part of it, the same part for A and B, so compare the ratios, not the absolute
-figures.
+take a real part of it, the same part for every variant, so compare the ratios, not the
+absolute figures.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import statistics
@@ -34,6 +64,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, make_parser, median, print_table, write_json  # noqa: E402
@@ -44,9 +75,15 @@ TRAIN_COMMON = ["trainer.max_steps=3", "trainer.num_workers=0", "tracking=none",
                 "data.augment=[]"]
 SIZES = {"quick": {"clients": 8, "requests": 80, "rounds": 2, "warmup": 8, "bursts": 3},
          "full": {"clients": 32, "requests": 600, "rounds": 4, "warmup": 32, "bursts": 5}}
+ENGINES = ("litserve", "triton")
 BUDGET_IMAGES, BUDGET_S = 10, 1.0
-GOAL_THROUGHPUT = 2.0  # the issue's: batching at least doubles throughput at equal or better p99
+GOAL_THROUGHPUT = 2.0  # batching at least doubles LitServe's throughput at equal or better p99
+GOAL_TRITON_CPU = 0.25  # issue 24: Triton's server CPU per request <= 0.25x LitServe's
 CHILD_ENV = {"OMP_NUM_THREADS": "1"}
+# the model's process in each server's group, by its command line; the rest is the front end
+MODEL_PROCESS = {"litserve": b"multiprocessing.spawn", "triton": b"triton_python_backend_stub"}
+PAIRS = (("litserve_batched", "litserve_batch1"), ("triton_batched", "triton_batch1"),
+         ("triton_batched", "litserve_batched"), ("triton_batch1", "litserve_batch1"))
 
 
 def train_run(run_root: Path, overrides: list[str]) -> Path:
@@ -63,17 +100,21 @@ def describe_run(run_dir: Path) -> dict:
     import torch
     from omegaconf import OmegaConf
 
+    from podium.serve.server import task_for_run
+
     cfg = OmegaConf.load(run_dir / "config.yaml")
     weights = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
-    size = int(cfg.data.get("image_size", 0))
     model = str(cfg.model.name) + (f" {cfg.model.arch}" if "arch" in cfg.model else "")
+    # the exported graph's input (classification: data.image_size; segmentation: task.window)
+    shape = task_for_run(run_dir).serving_example().shape[1:]
     return {"run_dir": str(run_dir), "task": str(cfg.task.name), "model": model,
             "parameters": int(sum(v.numel() for v in weights.values() if v.is_floating_point())),
-            "input": [int(cfg.data.get("channels", 0)), size, size]}
+            "input": [int(v) for v in shape]}
 
 
-def payloads(count: int, size: int) -> list[bytes]:
-    """Distinct smooth RGB PNGs of `size` pixels (the model's own input size: no resize cost)."""
+def payloads(count: int, height: int, width: int) -> list[bytes]:
+    """Distinct smooth RGB PNGs of the model's own input size (no resize cost; a segmentation
+    window is filled, not padded)."""
     import numpy as np
     from PIL import Image
 
@@ -82,7 +123,7 @@ def payloads(count: int, size: int) -> list[bytes]:
     for _ in range(count):
         coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
         buffer = io.BytesIO()
-        coarse.resize((size, size), Image.BILINEAR).save(buffer, "PNG")
+        coarse.resize((width, height), Image.BILINEAR).save(buffer, "PNG")
         out.append(buffer.getvalue())
     return out
 
@@ -91,8 +132,111 @@ def percentile(values: list[float], q: float) -> float:
     return float(statistics.quantiles(values, n=100, method="inclusive")[q - 1])
 
 
-def load_round(url: str, images: list[bytes], clients: int, total: int) -> dict:
-    """`clients` threads send `total` uploads between them; each waits for its answer."""
+class Target(NamedTuple):  # not a dataclass: the tests load this script without sys.modules
+    """One server under load: where it listens, its process group, and how one request is sent."""
+
+    engine: str
+    url: str
+    pgid: int
+    health_path: str
+    send: Callable  # (requests.Session, i) -> requests.Response
+
+
+def litserve_target(server, images: list[bytes]) -> Target:
+    def send(session, i):
+        return session.post(server.url + "/predict", files={"image": ("x.png", images[i % len(images)])})
+
+    return Target("litserve", server.url, server.proc.pid, "/health", send)
+
+
+def triton_request(tensor, input_name: str, output_name: str) -> tuple[bytes, dict]:
+    """A KServe v2 infer request with the binary tensor extension (what tritonclient sends): the
+    JSON header, then the raw float32 bytes; the output is asked for as binary too."""
+    header = json.dumps({"inputs": [{"name": input_name, "shape": list(tensor.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": tensor.nbytes}}],
+                         "outputs": [{"name": output_name, "parameters": {"binary_data": True}}]}).encode()
+    return header + tensor.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+                                       "Content-Type": "application/octet-stream"}
+
+
+def triton_output(response):
+    """The first output of a KServe v2 answer (binary or JSON) as a numpy array."""
+    import numpy as np
+
+    content = response.content
+    length = int(response.headers.get("Inference-Header-Content-Length", len(content)))
+    out = json.loads(content[:length])["outputs"][0]
+    if "data" in out:
+        return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    size = int(out["parameters"]["binary_data_size"])
+    return np.frombuffer(content[length:length + size], dtype=np.float32).reshape(out["shape"])
+
+
+def triton_target(server, model: str, bodies: list[tuple[bytes, dict]]) -> Target:
+    infer = f"{server.url}/v2/models/{model}/infer"
+
+    def send(session, i):
+        data, headers = bodies[i % len(bodies)]
+        return session.post(infer, data=data, headers=headers)
+
+    return Target("triton", server.url, server.process.pid, "/v2/health/ready", send)
+
+
+def preprocessed(run_dir: Path, images: list[bytes]) -> list:
+    """What Triton's clients send: each PNG decoded and preprocessed by the run's task, as the
+    LitServe server does it per request (a batch of one, float32)."""
+    import numpy as np
+
+    from podium.common.images import decode_image_bytes
+    from podium.serve.server import task_for_run
+
+    task = task_for_run(run_dir)
+    channels = int(task.cfg.data.channels)
+    return [np.ascontiguousarray(task.serving_preprocess(decode_image_bytes(png, channels))[0][None].numpy(),
+                                 dtype=np.float32) for png in images]
+
+
+def export_triton(run_dir: Path, folder: Path, max_batch_size: int, threads: int) -> tuple[Path, dict]:
+    """`podium export --format triton` into `folder`, batched as exported (max_batch_size 8) or
+    with max_batch_size 1 and no queue delay; ONNX Runtime's intra-op threads set as LitServe's."""
+    from rich.console import Console
+
+    from podium.serve.export import export_run, read_spec
+
+    options = {} if max_batch_size > 1 else {"max_batch_size": 1, "max_queue_delay_us": 0}
+    model = export_run(run_dir, "triton", folder, console=Console(quiet=True), **options)
+    config = model / "config.pbtxt"
+    # honoured by podium's backend and by Triton's C++ onnxruntime backend alike
+    config.write_text(config.read_text() + f'parameters {{ key: "intra_op_thread_count" '
+                                           f'value: {{ string_value: "{threads}" }} }}\n')
+    return model, read_spec(model)
+
+
+def check_triton_answers(target: Target, model_folder: Path, tensors: list, output_name: str) -> float:
+    """The served answers equal ONNX Runtime's on the same tensors: the clients send what the
+    model takes. The largest difference."""
+    import numpy as np
+    import requests
+
+    from podium.serve.export import load_onnx_session
+
+    session = load_onnx_session(model_folder, threads=1)
+    input_name = session.get_inputs()[0].name
+    worst = 0.0
+    with requests.Session() as http:
+        for i, tensor in enumerate(tensors[:4]):
+            response = target.send(http, i)
+            if response.status_code != 200:
+                raise RuntimeError(f"Triton answered {response.status_code}: {response.text[:300]}")
+            expected = session.run([output_name], {input_name: tensor})[0]
+            worst = max(worst, float(np.abs(triton_output(response) - expected).max()))
+    if worst > 1e-4:
+        raise RuntimeError(f"Triton's answers differ from ONNX Runtime's by {worst:g}")
+    return worst
+
+
+def load_round(target: Target, clients: int, total: int) -> dict:
+    """`clients` threads send `total` requests between them; each waits for its answer."""
     import requests
 
     latencies: list[float] = []
@@ -108,7 +252,7 @@ def load_round(url: str, images: list[bytes], clients: int, total: int) -> dict:
                 if i is None:
                     return
                 start = time.perf_counter()
-                response = session.post(url + "/predict", files={"image": ("x.png", images[i % len(images)])})
+                response = target.send(session, i)
                 elapsed = time.perf_counter() - start
                 with lock:
                     (latencies if response.status_code == 200 else failures).append(
@@ -122,13 +266,13 @@ def load_round(url: str, images: list[bytes], clients: int, total: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     if failures:
-        raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
+        raise RuntimeError(f"{len(failures)} requests failed ({target.engine}), e.g. {failures[0]}")
     return {"requests_per_s": total / wall, "p50_ms": 1e3 * percentile(latencies, 50),
             "p95_ms": 1e3 * percentile(latencies, 95), "p99_ms": 1e3 * percentile(latencies, 99),
             "requests": total, "wall_s": wall}
 
 
-def burst(url: str, images: list[bytes]) -> float:
+def burst(target: Target) -> float:
     """Seconds from sending BUDGET_IMAGES requests at once to the last answer."""
     import requests
 
@@ -136,11 +280,11 @@ def burst(url: str, images: list[bytes]) -> float:
     done: list[float] = []
     sessions = [requests.Session() for _ in range(BUDGET_IMAGES)]
     for session in sessions:  # connect first: the budget is about answering, not TCP set-up
-        session.get(url + "/health")
+        session.get(target.url + target.health_path)
 
     def one(k: int) -> None:
         barrier.wait()
-        response = sessions[k].post(url + "/predict", files={"image": ("x.png", images[k % len(images)])})
+        response = target.send(sessions[k], k)
         response.raise_for_status()
         done.append(time.perf_counter())
 
@@ -154,14 +298,15 @@ def burst(url: str, images: list[bytes]) -> float:
     for session in sessions:
         session.close()
     if len(done) != BUDGET_IMAGES:
-        raise RuntimeError("a request of the burst failed")
+        raise RuntimeError(f"a request of the burst failed ({target.engine})")
     return max(done) - start
 
 
-def server_cpu_s(server) -> dict[str, float] | None:
-    """CPU seconds used so far by the server's processes (Linux /proc): the spawned inference
-    workers, and the rest (the HTTP processes, LitServe's queue manager, the idle main process)."""
-    totals = {"inference": 0.0, "http": 0.0}
+def server_cpu_s(target: Target) -> dict[str, float] | None:
+    """CPU seconds used so far by the server's process group (Linux /proc, utime + stime): the
+    model's process (LitServe's spawned inference worker, Triton's python backend stub) and the
+    rest (HTTP front end, queue manager or scheduler, the main process)."""
+    totals = {"model": 0.0, "front": 0.0}
     tick = os.sysconf("SC_CLK_TCK")
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
@@ -173,93 +318,204 @@ def server_cpu_s(server) -> dict[str, float] | None:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[2]) == server.proc.pid:  # the process group: the server's whole tree
-            key = "inference" if b"multiprocessing.spawn" in cmdline else "http"
+        if int(fields[2]) == target.pgid:  # the process group: the server's whole tree
+            key = "model" if MODEL_PROCESS[target.engine] in cmdline else "front"
             totals[key] += (int(fields[11]) + int(fields[12])) / tick
     return totals
 
 
-def measured_round(server, url: str, images: list[bytes], size: dict) -> tuple[dict, list[float]]:
+def measured_round(target: Target, size: dict) -> tuple[dict, list[float]]:
     """One variant's round: the load, the server's CPU per request, then the 10-image bursts."""
-    before = server_cpu_s(server)
-    figures = load_round(url, images, size["clients"], size["requests"])
-    after = server_cpu_s(server)
+    before = server_cpu_s(target)
+    figures = load_round(target, size["clients"], size["requests"])
+    after = server_cpu_s(target)
     if before and after:
         for key in before:
             figures[f"cpu_ms_per_request_{key}"] = 1e3 * (after[key] - before[key]) / figures["requests"]
-    return figures, [burst(url, images) for _ in range(size["bursts"])]
+        figures["cpu_ms_per_request_total"] = figures["cpu_ms_per_request_front"] + figures["cpu_ms_per_request_model"]
+        # /proc counts clock ticks (10 ms): a short round of a cheap server reads coarsely
+        figures["cpu_resolution_ms_per_request"] = 1e3 / os.sysconf("SC_CLK_TCK") / figures["requests"]
+    return figures, [burst(target) for _ in range(size["bursts"])]
 
 
-def measure(run_dir: Path, variants: dict, images: list[bytes], size: dict) -> tuple[dict, dict]:
-    """Start every variant's server, then alternate their rounds; the idle one is paused."""
+def start_servers(run_dir: Path, variants: dict, images: list[bytes], workdir: Path, threads: int,
+                  triton_env, stack: list) -> tuple[dict, dict]:
+    """Every variant's server (LitServe's start in the background while Triton's repositories are
+    exported and its servers start); its Target and what it was started with. Each server is
+    pushed on `stack` as soon as it exists, for the caller to stop."""
     from podium.serve.server import ServerProcess
+    from podium.serve.triton import TritonServer, free_port
 
-    servers = {name: ServerProcess(run_dir, config, env=CHILD_ENV) for name, config in variants.items()}
-    rounds: dict[str, list[dict]] = {name: [] for name in variants}
-    bursts: dict[str, list[float]] = {name: [] for name in variants}
-    try:
-        urls = {name: server.wait_until_healthy() for name, server in servers.items()}
-        for name in variants:  # warm-up: the first requests pay for lazy initialisation
-            load_round(urls[name], images, size["clients"], size["warmup"])
-        for _ in range(size["rounds"]):
-            for name in variants:
-                others = [s for n, s in servers.items() if n != name]
+    litserve = {}
+    for name, config in variants.items():
+        if config["engine"] == "litserve":
+            litserve[name] = ServerProcess(run_dir, config["serve"], env=CHILD_ENV)
+            stack.append(litserve[name])
+    targets, settings = {}, {}
+    tensors = None
+    for name, config in variants.items():
+        if config["engine"] != "triton":
+            continue
+        tensors = tensors if tensors is not None else preprocessed(run_dir, images)
+        model, spec = export_triton(run_dir, workdir / name, config["max_batch_size"], threads)
+        bodies = [triton_request(t, spec["input_name"], spec["output_name"]) for t in tensors]
+        server = TritonServer(workdir / name, port=free_port(), environment=triton_env,
+                              workdir=workdir / f"{name}-server")
+        stack.append(server)
+        server.start()
+        targets[name] = triton_target(server, model.name, bodies)
+        settings[name] = {"engine": "triton", "max_batch_size": config["max_batch_size"],
+                          "max_queue_delay_us": _queue_delay_us(model / "config.pbtxt"),
+                          "max_abs_difference_to_onnxruntime": check_triton_answers(
+                              targets[name], model, tensors, spec["output_name"])}
+    for name, server in litserve.items():
+        server.wait_until_healthy()
+        serve = variants[name]["serve"]
+        targets[name] = litserve_target(server, images)
+        settings[name] = {"engine": "litserve", "max_batch_size": serve.max_batch_size,
+                          "batch_timeout_s": serve.batch_timeout}
+    return {name: targets[name] for name in variants}, settings
+
+
+def _queue_delay_us(config: Path) -> int:
+    for line in config.read_text().splitlines():
+        if "max_queue_delay_microseconds" in line:
+            return int(line.split(":")[1])
+    return 0
+
+
+def measure(targets: dict[str, Target], size: dict) -> tuple[dict, dict]:
+    """Alternate the variants' rounds; the servers not measured are paused."""
+    rounds: dict[str, list[dict]] = {name: [] for name in targets}
+    bursts: dict[str, list[float]] = {name: [] for name in targets}
+    for target in targets.values():  # warm-up: the first requests pay for lazy initialisation
+        load_round(target, size["clients"], size["warmup"])
+    for _ in range(size["rounds"]):
+        for name, target in targets.items():
+            others = [t for n, t in targets.items() if n != name]
+            for other in others:
+                os.killpg(other.pgid, signal.SIGSTOP)
+            try:
+                figures, times = measured_round(target, size)
+            finally:
                 for other in others:
-                    os.killpg(other.proc.pid, signal.SIGSTOP)
-                try:
-                    figures, times = measured_round(servers[name], urls[name], images, size)
-                finally:
-                    for other in others:
-                        os.killpg(other.proc.pid, signal.SIGCONT)
-                rounds[name].append(figures)
-                bursts[name] += times
-    finally:
-        for server in servers.values():
-            server.stop()
+                    os.killpg(other.pgid, signal.SIGCONT)
+            rounds[name].append(figures)
+            bursts[name] += times
     return rounds, bursts
 
 
-def summarize(variants: dict, rounds: dict, bursts: dict) -> tuple[dict, dict, dict, dict]:
-    keys = ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "cpu_ms_per_request_http", "cpu_ms_per_request_inference")
+def _ratio(a: dict, b: dict, key: str) -> float | None:
+    return a[key] / b[key] if key in a and key in b and b[key] > 0 else None
+
+
+def summarize(settings: dict, rounds: dict, bursts: dict) -> tuple[dict, dict, dict, dict]:
+    keys = ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "cpu_ms_per_request_front",
+            "cpu_ms_per_request_model", "cpu_ms_per_request_total", "cpu_resolution_ms_per_request")
     figures = {}
-    for name, config in variants.items():
+    for name in rounds:
         figures[name] = {key: median(r[key] for r in rounds[name]) for key in keys if key in rounds[name][0]}
-        figures[name].update(burst_10_s=median(bursts[name]), max_batch_size=config.max_batch_size,
-                             batch_timeout_s=config.batch_timeout)
-    pairs = list(zip(rounds["batched"], rounds["batch1"]))
-    ratios = {"throughput": median(a["requests_per_s"] / b["requests_per_s"] for a, b in pairs),
-              "p50": median(a["p50_ms"] / b["p50_ms"] for a, b in pairs),
-              "p99": median(a["p99_ms"] / b["p99_ms"] for a, b in pairs)}
-    goal = {"throughput_ratio_at_least": GOAL_THROUGHPUT, "p99_ratio_at_most": 1.0,
-            "met": ratios["throughput"] >= GOAL_THROUGHPUT and ratios["p99"] <= 1.0}
-    burst_s = figures["batched"]["burst_10_s"]
-    budget = {"images": BUDGET_IMAGES, "limit_s": BUDGET_S, "burst_s": burst_s, "holds": burst_s < BUDGET_S}
+        figures[name].update(burst_10_s=median(bursts[name]), **settings[name])
+    ratios = {}
+    for a, b in PAIRS:
+        if a in rounds and b in rounds:
+            pairs = list(zip(rounds[a], rounds[b]))
+            ratios[f"{a}/{b}"] = {
+                name: median(r for r in (_ratio(x, y, key) for x, y in pairs) if r is not None)
+                for name, key in (("throughput", "requests_per_s"), ("p50", "p50_ms"), ("p99", "p99_ms"),
+                                  ("cpu_per_request", "cpu_ms_per_request_total"))
+                if all(_ratio(x, y, key) is not None for x, y in pairs)}
+    goal = {}
+    batching = ratios.get("litserve_batched/litserve_batch1")
+    if batching:
+        goal["litserve_batching"] = {"throughput_ratio_at_least": GOAL_THROUGHPUT, "p99_ratio_at_most": 1.0,
+                                     "met": batching["throughput"] >= GOAL_THROUGHPUT and batching["p99"] <= 1.0}
+    cpu = {k: v["cpu_per_request"] for k, v in ratios.items() if k.startswith("triton_batch") and "litserve" in k
+           and "cpu_per_request" in v}
+    if cpu:
+        goal["triton_cpu"] = {"cpu_ratio_at_most": GOAL_TRITON_CPU, "ratios": cpu,
+                              "met": all(v <= GOAL_TRITON_CPU for v in cpu.values())}
+    goal["met"] = all(g["met"] for g in goal.values())
+    per_engine = {name.split("_")[0]: {"burst_s": f["burst_10_s"], "holds": f["burst_10_s"] < BUDGET_S}
+                  for name, f in figures.items() if name.endswith("_batched")}
+    budget = {"images": BUDGET_IMAGES, "limit_s": BUDGET_S, "per_engine": per_engine,
+              "holds": bool(per_engine) and all(e["holds"] for e in per_engine.values())}
     return figures, ratios, goal, budget
 
 
 def report(result: dict) -> None:
     figures, ratios, run, m = result["figures"], result["ratios"], result["run"], result["machine"]
 
-    def cpu(f: dict) -> str:
-        if "cpu_ms_per_request_http" not in f:
-            return "n/a"
-        return f"{f['cpu_ms_per_request_http']:.1f} / {f['cpu_ms_per_request_inference']:.1f}"
+    def cpu(f: dict, key: str) -> str:
+        return f"{f[key]:.2f}" if key in f else "n/a"
+
+    def times(r: dict, key: str) -> str:
+        return f"x{r[key]:.2f}" if key in r else ""
 
     rows = [(name, f"{f['requests_per_s']:.1f}", f"{f['p50_ms']:.1f}", f"{f['p95_ms']:.1f}", f"{f['p99_ms']:.1f}",
-             f"{f['burst_10_s'] * 1e3:.0f}", cpu(f)) for name, f in figures.items()]
-    rows += [None, ("batched / batch1", f"x{ratios['throughput']:.2f}", f"x{ratios['p50']:.2f}", "",
-                    f"x{ratios['p99']:.2f}", "", "")]
+             f"{f['burst_10_s'] * 1e3:.0f}", f"{cpu(f, 'cpu_ms_per_request_front')} / "
+             f"{cpu(f, 'cpu_ms_per_request_model')}", cpu(f, "cpu_ms_per_request_total"))
+            for name, f in figures.items()]
+    rows.append(None)
+    rows += [(pair, times(r, "throughput"), times(r, "p50"), "", times(r, "p99"), "", "", times(r, "cpu_per_request"))
+             for pair, r in ratios.items()]
     budget, goal = result["seed_budget"], result["goal"]
+    bursts = ", ".join(f"{engine} {'holds' if e['holds'] else 'MISSED'} ({e['burst_s'] * 1e3:.0f} ms)"
+                       for engine, e in budget["per_engine"].items())
+    goals = []
+    if "litserve_batching" in goal:
+        goals.append(f"LitServe batching x{GOAL_THROUGHPUT:g} throughput at p99 <= batch 1: "
+                     f"{'met' if goal['litserve_batching']['met'] else 'not met'}")
+    if "triton_cpu" in goal:
+        goals.append(f"Triton CPU/request <= {GOAL_TRITON_CPU:g}x LitServe's: "
+                     f"{'met' if goal['triton_cpu']['met'] else 'not met'}")
+    skipped = f" Triton not run: {result['triton_skipped']}." if result.get("triton_skipped") else ""
     caption = (f"{run['task']} {run['model']} ({run['parameters']:,} parameters), input "
                f"{'x'.join(map(str, run['input']))}, {result['backend']} ({result['threads']} thread), "
                f"{result['clients']} clients, {result['rounds']} rounds x {result['requests_per_round']} requests, "
                f"{m['cpus_usable'] or m['cpu_count']} CPUs, {result['mode']} mode, {result['wall_s']:.0f} s. "
-               f"Seed budget ({BUDGET_IMAGES} images < {BUDGET_S:g} s): "
-               f"{'holds' if budget['holds'] else 'MISSED'} ({budget['burst_s'] * 1e3:.0f} ms). Goal: batching "
-               f"x{GOAL_THROUGHPUT:g} throughput at p99 <= batch 1: {'met' if goal['met'] else 'not met'}.")
-    print_table("podium serve: dynamic batching against batch size 1",
-                ["variant", "req/s", "p50 ms", "p95 ms", "p99 ms", "burst of 10 ms", "CPU ms/req http/model"],
-                rows, caption)
+               f"LitServe's clients upload PNGs, Triton's send preprocessed tensors. "
+               f"Seed budget ({BUDGET_IMAGES} images < {BUDGET_S:g} s): {bursts}. Goals: {'; '.join(goals)}.{skipped}")
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: rich's 80 columns would cut the variants' names
+        console = Console(width=150)
+    print_table("Serving under load: LitServe and Triton, dynamic batching and batch size 1",
+                ["variant", "req/s", "p50 ms", "p95 ms", "p99 ms", "burst of 10 ms", "CPU ms/req front/model",
+                 "CPU ms/req"], rows, caption, console=console)
+
+
+def choose_engines(requested: str | None, backend: str, parser) -> tuple[list[str], object, str | None]:
+    """The engines to run, the Triton environment (or None) and why Triton is left out (or None).
+    Named explicitly, Triton's environment is created if missing (as `podium serve --engine
+    triton` does); by default it is used only where it already exists."""
+    from podium.errors import UserError
+    from podium.serve import triton
+
+    engines = [e.strip() for e in requested.split(",") if e.strip()] if requested else list(ENGINES)
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown or not engines:
+        parser.error(f"--engines: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(ENGINES)}")
+    if "triton" not in engines:
+        return engines, None, None
+    reason = None
+    if backend != "onnxruntime":
+        reason = f"Triton serves the ONNX export; --backend {backend} is LitServe's only"
+    elif not sys.platform.startswith("linux"):
+        reason = "the bundled tritonserver is a Linux binary"
+    elif not requested and triton._read_marker(triton.environment_root()) is None:
+        reason = (f"no Triton environment at {triton.environment_root()} (`podium serve --engine triton` "
+                  f"creates it once; or pass --engines litserve,triton)")
+    if reason is None:
+        try:
+            return engines, triton.ensure_environment(), None
+        except UserError as err:
+            reason = str(err)
+    if requested:
+        parser.error(f"--engines triton: {reason}")
+    print(f"Triton left out: {reason}", file=sys.stderr)
+    return [e for e in engines if e != "triton"], None, reason
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -268,12 +524,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a training override when no --run-dir is given (repeatable), e.g. "
                              "--override model=timm --override data.image_size=128")
-    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
-    parser.add_argument("--threads", type=int, default=1, help="the backend's intra-op threads (default 1)")
+    parser.add_argument("--engines", default=None, metavar="LIST",
+                        help="comma-separated: litserve, triton (default: both when Triton's environment exists)")
+    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime",
+                        help="LitServe's backend (Triton always runs the ONNX export)")
+    parser.add_argument("--threads", type=int, default=1, help="the backends' intra-op threads (default 1)")
     parser.add_argument("--clients", type=int, default=None, help="concurrent client threads")
     parser.add_argument("--requests", type=int, default=None, help="requests per round and variant")
-    parser.add_argument("--rounds", type=int, default=None, help="A B rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds over the variants")
     args = parser.parse_args(argv)
+    engines, triton_env, triton_skipped = choose_engines(args.engines, args.backend, parser)
 
     from podium.serve.server import ServeConfig, free_port
 
@@ -282,22 +542,34 @@ def main(argv: list[str] | None = None) -> dict:
                               if getattr(args, k) is not None}}
     # start-up is not measured: export in the server process (isolate_export=False) to start sooner
     common = {"backend": args.backend, "threads": args.threads, "log_level": "warning", "isolate_export": False}
-    variants = {"batched": ServeConfig(**common, port=free_port()),  # podium serve's defaults
-                "batch1": ServeConfig(**common, port=free_port(), max_batch_size=1, batch_timeout=0.0)}
+    variants = {}
+    if "litserve" in engines:
+        variants["litserve_batched"] = {"engine": "litserve", "serve": ServeConfig(**common, port=free_port())}
+        variants["litserve_batch1"] = {"engine": "litserve", "serve": ServeConfig(
+            **common, port=free_port(), max_batch_size=1, batch_timeout=0.0)}
+    if "triton" in engines:
+        variants["triton_batched"] = {"engine": "triton", "max_batch_size": 8}
+        variants["triton_batch1"] = {"engine": "triton", "max_batch_size": 1}
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="podium-bench-serve-") as tmp:
         run_dir = args.run_dir or train_run(
             Path(tmp), (TRAIN_QUICK if args.quick else TRAIN_FULL) + TRAIN_COMMON + args.override)
         run = describe_run(run_dir)
-        images = payloads(16, run["input"][1] or 32)
-        rounds, bursts = measure(run_dir, variants, images, size)
-    figures, ratios, goal, budget = summarize(variants, rounds, bursts)
-    result = {"benchmark": "serve_load", "mode": mode, "machine": machine_info(), "run": run,
-              "backend": args.backend, "threads": args.threads, "clients": size["clients"],
-              "requests_per_round": size["requests"], "rounds": size["rounds"], "figures": figures,
-              "ratios": ratios, "goal": goal, "seed_budget": budget, "per_round": rounds, "bursts_s": bursts,
-              "wall_s": time.perf_counter() - started}
+        images = payloads(16, *run["input"][-2:])
+        servers: list = []
+        try:
+            targets, settings = start_servers(run_dir, variants, images, Path(tmp), args.threads, triton_env, servers)
+            rounds, bursts = measure(targets, size)
+        finally:
+            for server in reversed(servers):
+                server.stop()
+    figures, ratios, goal, budget = summarize(settings, rounds, bursts)
+    result = {"benchmark": "serve_load", "mode": mode, "machine": machine_info(), "run": run, "engines": engines,
+              "triton_skipped": triton_skipped, "backend": args.backend, "threads": args.threads,
+              "clients": size["clients"], "requests_per_round": size["requests"], "rounds": size["rounds"],
+              "figures": figures, "ratios": ratios, "goal": goal, "seed_budget": budget, "per_round": rounds,
+              "bursts_s": bursts, "wall_s": time.perf_counter() - started}
     report(result)
     write_json(args.json, result)
     return result
