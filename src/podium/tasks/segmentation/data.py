@@ -247,6 +247,10 @@ class SegPatchDataset(_SegDataset):
         r = index % len(self.records)
         rng = np.random.default_rng([self.seed % 2**64, self.epoch, int(index)])
         top, left, _ = self.patch_origin(index, rng)
+        return self.patch_item(r, top, left, rng)
+
+    def patch_item(self, r: int, top: int, left: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The item of record `r`'s patch at (top, left), augmented with a seed drawn from `rng`."""
         ph, pw = self.patch_size
         p = self.prepared[r]
         image = p.image[:, top : top + ph, left : left + pw]

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torchvision import tv_tensors
 
 from podium.errors import UserError
 from podium.tasks.segmentation.data import MAX_LOCATIONS, SegPatchDataset
@@ -127,18 +126,4 @@ class RareClassPatches(SegPatchDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed % 2**64, self.epoch, int(index)])
         _, r, top, left = self.draw(index, rng)
-        ph, pw = self.patch_size
-        p = self.prepared[r]
-        image = p.image[:, top : top + ph, left : left + pw]
-        label = p.label[top : top + ph, left : left + pw].to(torch.int64)
-        fov = p.fov[top : top + ph, left : left + pw]
-        if self.augment is not None:  # as SegPatchDataset.__getitem__
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(int(rng.integers(2**63)))
-                image, label, fov = self.augment(tv_tensors.Image(image), tv_tensors.Mask(label),
-                                                 tv_tensors.Mask(fov.to(torch.int64)))
-            fov = fov.as_subclass(torch.Tensor) == 1
-            label = label.as_subclass(torch.Tensor)
-            label = torch.where(fov, label, torch.full_like(label, self.ignore_index))
-            image = image.as_subclass(torch.Tensor)
-        return self._item(image, label, fov, r)
+        return self.patch_item(r, top, left, rng)
